@@ -1,0 +1,173 @@
+"""``KasaConfig``: everything that defines one KaSA (or plain LoRA) adapter, JSON-serialisable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .spectral import TRUNCATION_METHODS
+
+CONFIG_NAME = "kasa_config.json"
+REGULARIZATION_FORMS = ("paper", "authors")
+ADAPTER_TYPES = ("kasa", "lora")
+
+
+@dataclass
+class KasaConfig:
+    """Configuration of a KaSA adapter (Wang et al., ICLR 2025, arXiv 2412.06071).
+
+    The adapted layer computes ``y = W_world x + (α/r)·B·diag(σ)·A·x`` with ``W_world = W − U_r Σ_r V_rᵀ``; the
+    frozen weight ``W`` itself is never modified, so disabling or unloading the adapter restores the original model.
+    """
+
+    r: int = field(default=8, metadata={"help": "Adapter rank r: also the number of smallest singular triplets dropped."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the update is scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (not on the truncation)."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to adapt: a list of names (exact or suffix match, e.g. ['q_proj', 'v_proj']), a regex "
+            "string (full match on the module path), or 'all-linear' (every Linear/Conv1D but the output layer)."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules never to adapt; same matching rules as target_modules."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Extra modules (e.g. a classification head) trained in full and saved with the adapter; each "
+            "adapter gets its own copy, so the original stays intact."
+        },
+    )
+    beta: float = field(default=1e-4, metadata={"help": "β: weight of the singular-value penalty Σσ²."})
+    gamma: float = field(
+        default=1e-3, metadata={"help": "γ: weight of the orthogonality penalty ‖AAᵀ−I‖_F + ‖BᵀB−I‖_F."}
+    )
+    regularization_form: Literal["paper", "authors"] = field(
+        default="paper",
+        metadata={
+            "help": "'paper': β·Σσ² + γ·(‖AAᵀ−I_r‖_F + ‖BᵀB−I_r‖_F) summed over layers. 'authors': the released "
+            "training script's form (‖AᵀA−I_in‖_F + ‖BBᵀ−I_out‖_F, everything averaged over modules), only for "
+            "replicating their numbers."
+        },
+    )
+    truncation_method: Literal["gram_eigh", "svd"] = field(
+        default="gram_eigh",
+        metadata={"help": "How to find the minor components: 'gram_eigh' (float64 Gram + eigh, fast) or 'svd' (float64 full SVD, reference)."},
+    )
+    truncate: bool = field(
+        default=True, metadata={"help": "Drop the r minor components from the base (False = ablation without truncation)."}
+    )
+    adapter_type: Literal["kasa", "lora"] = field(
+        default="kasa",
+        metadata={"help": "'kasa', or 'lora' for a plain LoRA adapter (no truncation, no σ) living in the same model."},
+    )
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Recorded for provenance only."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"KasaConfig.r must be a positive integer, got {self.r!r}.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"KasaConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.beta < 0 or self.gamma < 0:
+            raise ValueError(f"KasaConfig.beta and gamma must be >= 0, got beta={self.beta}, gamma={self.gamma}.")
+        if self.regularization_form not in REGULARIZATION_FORMS:
+            raise ValueError(
+                f"KasaConfig.regularization_form must be one of {REGULARIZATION_FORMS}, got {self.regularization_form!r}."
+            )
+        if self.truncation_method not in TRUNCATION_METHODS:
+            raise ValueError(
+                f"KasaConfig.truncation_method must be one of {TRUNCATION_METHODS}, got {self.truncation_method!r}."
+            )
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise ValueError(f"KasaConfig.adapter_type must be one of {ADAPTER_TYPES}, got {self.adapter_type!r}.")
+        if self.target_modules is None:
+            raise ValueError(
+                "KasaConfig.target_modules is required: pass module names (e.g. ['q_proj', 'v_proj']), a regex, "
+                "or 'all-linear'."
+            )
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(self.target_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    @property
+    def scaling(self) -> float:
+        return float(self.lora_alpha) / self.r
+
+    @property
+    def uses_truncation(self) -> bool:
+        return self.adapter_type == "kasa" and self.truncate
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["config_type"] = "kasa_peft.KasaConfig"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KasaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"config_type", "kasa_peft_version"})
+        if unknown:
+            warnings.warn(f"KasaConfig: ignoring unknown keys {unknown} (written by a newer kasa_peft?).", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "KasaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"No KaSA adapter config at {path}; expected a directory written by save_pretrained.")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    from_pretrained = from_json_file
+
+
+def config_from_peft_lora(lora_config: Any) -> KasaConfig:
+    """Translate a plain ``peft.LoraConfig`` (default init, no variant) into an ``adapter_type='lora'`` config.
+
+    Raises ``ValueError`` for LoRA features this package does not implement, rather than silently dropping them.
+    """
+    unsupported = []
+    if getattr(lora_config, "use_dora", False):
+        unsupported.append("use_dora")
+    if getattr(lora_config, "use_rslora", False):
+        unsupported.append("use_rslora")
+    if getattr(lora_config, "bias", "none") != "none":
+        unsupported.append("bias")
+    if getattr(lora_config, "rank_pattern", None) or getattr(lora_config, "alpha_pattern", None):
+        unsupported.append("rank_pattern/alpha_pattern")
+    init = getattr(lora_config, "init_lora_weights", True)
+    if init is not True:
+        unsupported.append(f"init_lora_weights={init!r}")
+    if getattr(lora_config, "kasa_config", None) is not None:
+        unsupported.append("kasa_config (use kasa_peft.KasaConfig for KaSA)")
+    if unsupported:
+        raise ValueError(
+            f"peft.LoraConfig options not supported in a kasa_peft model: {', '.join(unsupported)}. "
+            "Use a plain LoraConfig (default init) or peft's own get_peft_model."
+        )
+    target = lora_config.target_modules
+    if isinstance(target, set):
+        target = sorted(target)
+    return KasaConfig(
+        r=lora_config.r,
+        lora_alpha=lora_config.lora_alpha,
+        lora_dropout=lora_config.lora_dropout,
+        target_modules=target,
+        exclude_modules=sorted(lora_config.exclude_modules)
+        if isinstance(lora_config.exclude_modules, set)
+        else lora_config.exclude_modules,
+        modules_to_save=list(lora_config.modules_to_save) if lora_config.modules_to_save else None,
+        adapter_type="lora",
+        truncate=False,
+    )

@@ -1,0 +1,162 @@
+"""Checkpoint exchange with Hugging Face PEFT (≥ 0.21): import its KaSA/LoRA adapters, export ours.
+
+PEFT stores only ``lora_A``, ``lora_B`` and ``lora_diag``; its KaSA truncation is re-derived from the base weight by a
+full SVD every time it loads, and it overwrites the base weight. Importing therefore computes the truncation once here
+(our float64 path; PEFT uses float32 SVD, so the two agree to float32 round-off of the dropped component). Exporting
+offers two formats:
+
+``"kasa"``  PEFT's own KaSA variant (``LoraConfig(kasa_config=...)``): same outputs, but PEFT will truncate the base
+            destructively on load, as it always does.
+``"lora"``  an exact rank-2r plain LoRA: ``A' = [A; V_rᵀ]``, ``B' = [(α/r)·B·diag(σ), −U_rΣ_r]``, ``lora_alpha = 2r``
+            (scaling 1). It reproduces truncation + update on the *untouched* base and loads in any PEFT version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from . import checkpoint
+from .config import KasaConfig
+
+if TYPE_CHECKING:
+    from .model import KasaModel
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def _read_peft_config(path: Path):
+    from peft import LoraConfig
+
+    raw = json.loads((path / PEFT_CONFIG_NAME).read_text())
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{path} holds a PEFT {raw.get('peft_type')} adapter; only LoRA and KaSA (a LoRA variant) import.")
+    return LoraConfig.from_pretrained(str(path))
+
+
+def load_peft_kasa_adapter(kasa_model: "KasaModel", path: str | Path, adapter_name: str = "default", is_trainable: bool = False) -> None:
+    """Add a PEFT KaSA (or plain LoRA) checkpoint at ``path`` to ``kasa_model`` as ``adapter_name``.
+
+    The KaSA truncation is computed here (PEFT does not store it); everything else is copied.
+    """
+    from .config import config_from_peft_lora
+
+    path = Path(path)
+    lora = _read_peft_config(path)
+    if lora.modules_to_save:
+        raise ValueError(f"{path}: importing PEFT modules_to_save is not supported; re-save the adapter without them.")
+    if lora.kasa_config is not None:
+        kasa = lora.kasa_config
+        beta = kasa["beta"] if isinstance(kasa, dict) else kasa.beta
+        gamma = kasa["gamma"] if isinstance(kasa, dict) else kasa.gamma
+        lora.kasa_config = None
+        base = config_from_peft_lora(lora)
+        config = KasaConfig(
+            r=base.r,
+            lora_alpha=base.lora_alpha,
+            lora_dropout=base.lora_dropout,
+            target_modules=base.target_modules,
+            exclude_modules=base.exclude_modules,
+            beta=beta,
+            gamma=gamma,
+        )
+    else:
+        config = config_from_peft_lora(lora)
+    tensors, _ = checkpoint.load_tensors(path / PEFT_WEIGHTS_NAME)
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not key.startswith(_PEFT_PREFIX):
+            raise ValueError(f"{path}: unexpected tensor {key!r} in a PEFT LoRA checkpoint.")
+        module_path, _, tensor_name = key[len(_PEFT_PREFIX) :].removesuffix(".weight").rpartition(".")
+        tensor_name = {"lora_diag": "sigma"}.get(tensor_name, tensor_name)
+        renamed[f"{module_path}.{tensor_name}"] = value
+    kasa_model._inject(adapter_name, config, init="compute")
+    # Keep the truncation just computed; take A, B, σ from the checkpoint.
+    for module_path, layer in kasa_model.kasa_layers():
+        if adapter_name not in layer.kasa_adapters:
+            continue
+        adapter = layer.kasa_adapters[adapter_name]
+        for tensor_name in ("lora_A", "lora_B", "sigma"):
+            target = getattr(adapter, tensor_name)
+            if target is None:
+                continue
+            key = f"{module_path}.{tensor_name}"
+            if key not in renamed:
+                raise ValueError(f"{path}: PEFT checkpoint lacks {tensor_name} for module {module_path!r}.")
+            if renamed[key].shape != target.shape:
+                raise ValueError(
+                    f"{path}: {key} has shape {tuple(renamed[key].shape)}, this model expects {tuple(target.shape)}."
+                )
+            with torch.no_grad():
+                target.copy_(renamed[key])
+    kasa_model._trainable = is_trainable
+    kasa_model._refresh_state()
+
+
+def export_peft_checkpoint(
+    kasa_model: "KasaModel", save_directory: str | Path, adapter_name: str | None = None, format: str = "kasa"
+) -> None:
+    """Write ``adapter_name`` so that ``peft.PeftModel.from_pretrained(base, save_directory)`` reproduces it.
+
+    ``format="kasa"``: PEFT's KaSA variant (nn.Linear targets only, as PEFT requires; PEFT truncates on load).
+    ``format="lora"``: an exact, non-destructive rank-2r plain LoRA (see module docstring).
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import KasaConfig as PeftKasaConfig
+
+    if format not in ("kasa", "lora"):
+        raise ValueError(f"format must be 'kasa' or 'lora', got {format!r}.")
+    name = adapter_name or kasa_model.active_adapter
+    kasa_model._require_adapter(name)
+    config = kasa_model.peft_config[name]
+    if format == "kasa" and config.adapter_type != "kasa":
+        raise ValueError(f"Adapter {name!r} is a plain LoRA adapter; export it with format='lora'.")
+    if config.modules_to_save:
+        raise ValueError("Exporting modules_to_save to PEFT is not supported yet; export the adapter without them.")
+    tensors: dict[str, torch.Tensor] = {}
+    paths: list[str] = []
+    for module_path, layer in kasa_model.kasa_layers():
+        if name not in layer.kasa_adapters:
+            continue
+        is_conv1d = isinstance(layer.base_layer, Conv1D)
+        if format == "kasa" and is_conv1d:
+            raise ValueError(
+                f"PEFT's KaSA rejects Conv1D layers ({module_path!r}); export with format='lora' instead."
+            )
+        adapter = layer.kasa_adapters[name]
+        prefix = f"{_PEFT_PREFIX}{module_path}."
+        if format == "kasa":
+            tensors[prefix + "lora_A.weight"] = adapter.lora_A
+            tensors[prefix + "lora_B.weight"] = adapter.lora_B
+            tensors[prefix + "lora_diag"] = adapter.sigma
+        else:
+            lora_a, lora_b = [adapter.lora_A], [adapter.lora_B * adapter.update_scale()]
+            if adapter.truncate:
+                lora_a.append(adapter.minor_vh)
+                lora_b.append(-adapter.minor_u_sigma)
+            # PEFT keeps (r × in) / (out × r) factors for fan_in_fan_out (Conv1D) layers too: no transpose needed.
+            tensors[prefix + "lora_A.weight"] = torch.cat(lora_a, 0)
+            tensors[prefix + "lora_B.weight"] = torch.cat(lora_b, 1)
+        paths.append(module_path)
+    rank = config.r if format == "kasa" else (2 * config.r if config.uses_truncation else config.r)
+    fan_in_fan_out = any(isinstance(layer.base_layer, Conv1D) for _, layer in kasa_model.kasa_layers())
+    peft_config = LoraConfig(
+        r=rank,
+        lora_alpha=config.lora_alpha if format == "kasa" else rank,  # "lora": scaling 1, everything is in B'
+        lora_dropout=config.lora_dropout if format == "kasa" else 0.0,
+        target_modules=paths,
+        fan_in_fan_out=fan_in_fan_out,
+        kasa_config=PeftKasaConfig(beta=config.beta, gamma=config.gamma) if format == "kasa" else None,
+        base_model_name_or_path=config.base_model_name_or_path,
+    )
+    save_directory = Path(save_directory)
+    checkpoint.save_tensors_atomic(
+        {k: v.detach().float() for k, v in tensors.items()}, save_directory / PEFT_WEIGHTS_NAME, {"format": "pt"}
+    )
+    checkpoint.atomic_write_text(save_directory / PEFT_CONFIG_NAME, json.dumps(peft_config.to_dict(), indent=2, default=list))

@@ -1,0 +1,454 @@
+"""``KasaModel``: injects KaSA adapters into a model and manages them (PEFT-style API)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import CONFIG_NAME, KasaConfig, config_from_peft_lora
+from .layer import KasaAdapter, KasaLayer, ModulesToSaveWrapper, layer_shape, weight_matrix
+from .regularization import kasa_regularization
+from .spectral import check_truncation_rank, truncate_many
+from .targeting import find_modules_to_save, find_target_modules, get_submodule_parent
+
+_ADAPTER_TENSORS = ("lora_A", "lora_B", "sigma", "minor_u_sigma", "minor_vh")
+_MODULES_TO_SAVE_PREFIX = "modules_to_save."
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Adapters train in float32 on half-precision bases (as PEFT does by default); float64 bases keep float64.
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+class KasaModel(nn.Module):
+    """A model with KaSA adapters. ``base_model`` is the wrapped model; forward, generate and attributes pass through.
+
+    Create with :func:`get_kasa_model` or :meth:`KasaModel.from_pretrained`.
+    """
+
+    def __init__(self, model: nn.Module, config: KasaConfig | Any | None, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, KasaConfig] = {}
+        self.active_adapter: str | None = None
+        self._trainable = True
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ pass-through
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the *wrapped* model's forward takes ``num_items_in_batch`` (read by transformers.Trainer)."""
+        if hasattr(self.base_model, "accepts_loss_kwargs"):
+            return bool(self.base_model.accepts_loss_kwargs)
+        params = inspect.signature(self.base_model.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+        # Frozen embeddings give checkpointed blocks inputs without grad; adapters inside would get none.
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ iteration helpers
+    def kasa_layers(self) -> Iterator[tuple[str, KasaLayer]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, KasaLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def _require_adapter(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {name!r}; this model has {sorted(self.peft_config)}.")
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, config: KasaConfig | Any) -> None:
+        """Add an adapter (not activated). ``config`` is a ``KasaConfig`` or a plain ``peft.LoraConfig``.
+
+        KaSA adapters compute their truncation here (one batched float64 Gram + eigh per weight shape).
+        """
+        self._inject(adapter_name, config, init="compute")
+
+    def _inject(self, adapter_name: str, config: KasaConfig | Any, init: str) -> list[str]:
+        """Validate, then add the adapter to every target. ``init``: 'compute' (truncate), 'empty', or 'meta'."""
+        if not isinstance(config, KasaConfig):
+            config = config_from_peft_lora(config)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
+        if not adapter_name or "." in adapter_name:
+            raise ValueError(f"Adapter names must be non-empty and contain no '.', got {adapter_name!r}.")
+        model = self.base_model
+        targets = find_target_modules(model, config)
+        save_targets = find_modules_to_save(model, config.modules_to_save)
+        layers = {name: model.get_submodule(name) for name in targets}
+        base_layers = {name: (m.base_layer if isinstance(m, KasaLayer) else m) for name, m in layers.items()}
+        # Every check runs before any module is replaced or any weight read into a truncation.
+        minors = None
+        if config.uses_truncation:
+            for name, base in base_layers.items():
+                check_truncation_rank(config.r, layer_shape(base), name=f"module {name!r}")
+            if init == "compute":
+                weights = [weight_matrix(base) for base in base_layers.values()]
+                for name, weight in zip(base_layers, weights):
+                    if weight.device.type == "meta":
+                        raise ValueError(
+                            f"Module {name!r} has its weight on the meta device, so its truncation cannot be "
+                            "computed. Load real weights first, or load a saved adapter with KasaModel.from_pretrained "
+                            "(it needs no SVD)."
+                        )
+                    if not torch.isfinite(weight).all():
+                        raise ValueError(
+                            f"Module {name!r} has NaN/Inf weights; KaSA's truncation needs finite weights. "
+                            "Check the checkpoint you loaded."
+                        )
+                minors = truncate_many(weights, config.r, config.truncation_method)
+        for index, (name, layer) in enumerate(layers.items()):
+            base = base_layers[name]
+            out_features, in_features = layer_shape(base)
+            adapter = KasaAdapter(
+                in_features,
+                out_features,
+                config.r,
+                config.lora_alpha,
+                config.lora_dropout,
+                use_sigma=config.adapter_type == "kasa",
+                truncate=config.uses_truncation,
+                dtype=_adapter_dtype(base.weight),
+                device="meta" if init == "meta" else base.weight.device,
+            )
+            if minors is not None:
+                adapter.set_minor_components(minors[index])
+            if not isinstance(layer, KasaLayer):
+                layer = KasaLayer(base)
+                parent, child = get_submodule_parent(model, name)
+                setattr(parent, child, layer)
+            layer.add_adapter(adapter_name, adapter)
+        for name in save_targets:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                parent, child = get_submodule_parent(model, name)
+                setattr(parent, child, module)
+            module.add_copy(adapter_name)
+        self.peft_config[adapter_name] = config
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+        self._refresh_state()
+        return targets
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one adapter used in forward (and the only trainable one)."""
+        self._require_adapter(adapter_name)
+        for _, layer in self.kasa_layers():
+            if layer.merged_adapters:
+                layer.unmerge()
+        self.active_adapter = adapter_name
+        self._refresh_state()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require_adapter(adapter_name)
+        for _, layer in self.kasa_layers():
+            if adapter_name in layer.kasa_adapters:
+                layer.delete_adapter(adapter_name)
+        for _, wrapper in self._wrappers():
+            if adapter_name in wrapper.copies:
+                del wrapper.copies[adapter_name]
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+        self._refresh_state()
+
+    def _refresh_state(self) -> None:
+        """Push the active adapter into every wrapper and make exactly its tensors trainable."""
+        active = self.active_adapter
+        for param in self.base_model.parameters():
+            param.requires_grad_(False)
+        for _, layer in self.kasa_layers():
+            layer.active_adapters = [active] if active in layer.kasa_adapters else []
+            if self._trainable and active in layer.kasa_adapters:
+                for param in layer.kasa_adapters[active].parameters():
+                    param.requires_grad_(True)
+        for _, wrapper in self._wrappers():
+            wrapper.active_adapter = active
+            if self._trainable and active in wrapper.copies:
+                for param in wrapper.copies[active].parameters():
+                    param.requires_grad_(True)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter is not None else []
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it the model computes exactly what the original model computes."""
+        touched = []
+        for _, module in [*self.kasa_layers(), *self._wrappers()]:
+            touched.append((module, module.adapters_disabled))
+            module.adapters_disabled = True
+        try:
+            yield
+        finally:
+            for module, previous in touched:
+                module.adapters_disabled = previous
+
+    # ------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active one) into the base weights; ``unmerge_adapter`` undoes it."""
+        names = adapter_names or self.active_adapters
+        for _, layer in self.kasa_layers():
+            layer.merge([n for n in names if n in layer.kasa_adapters], safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.kasa_layers():
+            layer.unmerge()
+
+    def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        model = self.base_model
+        for name, layer in list(self.kasa_layers()):
+            if merge:
+                pending = [n for n in (adapter_names or self.active_adapters) if n in layer.kasa_adapters]
+                layer.merge([n for n in pending if n not in layer.merged_adapters], safe_merge=safe_merge)
+            else:
+                layer.unmerge()
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, layer.base_layer)
+        for name, wrapper in list(self._wrappers()):
+            keep = wrapper.copies[self.active_adapter] if merge and self.active_adapter in wrapper.copies else wrapper.original_module
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, keep)
+        self.peft_config.clear()
+        self.active_adapter = None
+        return model
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active adapter (truncation included) into the weights and return the plain base model."""
+        return self._unwrap(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original model (its weights untouched)."""
+        return self._unwrap(merge=False)
+
+    # ------------------------------------------------------------------ training helpers
+    def regularization_loss(self, adapter_name: str | None = None) -> torch.Tensor:
+        """KaSA's auxiliary loss for one adapter (default: the active one); zero for plain-LoRA adapters.
+
+        Paper form: Σ_layers β·Σσ² + γ·(‖AAᵀ−I_r‖_F + ‖BᵀB−I_r‖_F). See :mod:`kasa_peft.regularization`.
+        """
+        name = adapter_name or self.active_adapter
+        if name is None:
+            return torch.zeros(())
+        self._require_adapter(name)
+        config = self.peft_config[name]
+        adapters = [layer.kasa_adapters[name] for _, layer in self.kasa_layers() if name in layer.kasa_adapters]
+        if config.adapter_type != "kasa" or not adapters:
+            device = adapters[0].lora_A.device if adapters else None
+            return torch.zeros((), device=device)
+        return kasa_regularization(
+            [a.lora_A for a in adapters],
+            [a.lora_B for a in adapters],
+            [a.sigma for a in adapters],
+            beta=config.beta,
+            gamma=config.gamma,
+            form=config.regularization_form,
+        )
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ persistence
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed ``<module path>.<tensor>`` (paths relative to the base model)."""
+        name = adapter_name or self.active_adapter
+        self._require_adapter(name)
+        state: dict[str, torch.Tensor] = {}
+        for path, layer in self.kasa_layers():
+            if name not in layer.kasa_adapters:
+                continue
+            adapter = layer.kasa_adapters[name]
+            for tensor_name in _ADAPTER_TENSORS:
+                tensor = getattr(adapter, tensor_name)
+                if tensor is not None:
+                    state[f"{path}.{tensor_name}"] = tensor.detach()
+        for path, wrapper in self._wrappers():
+            if name in wrapper.copies:
+                for key, tensor in wrapper.copies[name].state_dict().items():
+                    state[f"{_MODULES_TO_SAVE_PREFIX}{path}.{key}"] = tensor.detach()
+        return state
+
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter as ``kasa_config.json`` + ``kasa_adapter.safetensors`` (atomically, no pickle).
+
+        The default adapter goes in ``save_directory``, others in ``save_directory/<name>`` (PEFT's layout). The
+        truncation buffers are saved too, so loading needs no SVD and no access to any other checkpoint.
+        """
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise ValueError(f"save_pretrained needs a directory, but {save_directory} is a file.")
+        for name in selected_adapters or list(self.peft_config):
+            self._require_adapter(name)
+            target_dir = save_directory if name == "default" else save_directory / name
+            fingerprints = {
+                path: checkpoint.weight_fingerprint(layer.base_weight_matrix())
+                for path, layer in self.kasa_layers()
+                if name in layer.kasa_adapters and not layer.merged_adapters
+            }
+            metadata = {"format": "pt", "kasa_peft_format": checkpoint.FORMAT_VERSION, **checkpoint.encode_fingerprints(fingerprints)}
+            checkpoint.save_tensors_atomic(self.adapter_state_dict(name), target_dir / checkpoint.WEIGHTS_NAME, metadata)
+            # Config last: a directory with a config always has its weights beside it.
+            checkpoint.atomic_write_text(target_dir / CONFIG_NAME, self.peft_config[name].to_json_string())
+
+    def load_adapter(
+        self,
+        path: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False,
+        check_base_weights: bool = True,
+    ) -> None:
+        """Add an adapter from a ``save_pretrained`` directory. Never runs an SVD and never unpickles."""
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            if (path / "adapter_config.json").is_file():
+                from .interop import load_peft_kasa_adapter
+
+                load_peft_kasa_adapter(self, path, adapter_name=adapter_name, is_trainable=is_trainable)
+                return
+            raise FileNotFoundError(
+                f"No KaSA adapter at {path}: expected {CONFIG_NAME} and {checkpoint.WEIGHTS_NAME} (written by "
+                "KasaModel.save_pretrained), or a PEFT adapter_config.json."
+            )
+        config = KasaConfig.from_json_file(path / CONFIG_NAME)
+        tensors, metadata = checkpoint.load_tensors(path / checkpoint.WEIGHTS_NAME)
+        targets = find_target_modules(self.base_model, config)
+        saved_paths = {key.rsplit(".", 1)[0] for key in tensors if not key.startswith(_MODULES_TO_SAVE_PREFIX)}
+        if saved_paths != set(targets):
+            missing, extra = sorted(set(targets) - saved_paths), sorted(saved_paths - set(targets))
+            raise ValueError(
+                f"Checkpoint {path} does not fit this model: modules targeted here but absent from the checkpoint: "
+                f"{missing[:6]}; in the checkpoint but not in this model: {extra[:6]}. Load it onto the base model it "
+                "was saved from."
+            )
+        if check_base_weights:
+            self._check_fingerprints(path, targets, checkpoint.decode_fingerprints(metadata))
+        self._inject(adapter_name, config, init="meta" if low_cpu_mem_usage else "empty")
+        self._load_adapter_tensors(adapter_name, tensors, assign=low_cpu_mem_usage, source=path)
+        self._trainable = is_trainable
+        self._refresh_state()
+
+    def _check_fingerprints(self, path: Path, targets: list[str], saved: dict[str, torch.Tensor]) -> None:
+        for name in targets:
+            if name not in saved:
+                continue
+            module = self.base_model.get_submodule(name)
+            base = module.base_layer if isinstance(module, KasaLayer) else module
+            weight = weight_matrix(base)
+            if weight.device.type == "meta":
+                continue
+            if not checkpoint.fingerprints_match(saved[name], checkpoint.weight_fingerprint(weight)):
+                raise ValueError(
+                    f"Checkpoint {path} was trained on a different base model: the weights of {name!r} do not match "
+                    "the ones it was saved with. Load it onto its original base model (or pass "
+                    "check_base_weights=False if you really mean to)."
+                )
+
+    def _load_adapter_tensors(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], assign: bool, source: Path | str
+    ) -> None:
+        for path, layer in self.kasa_layers():
+            if adapter_name not in layer.kasa_adapters:
+                continue
+            adapter = layer.kasa_adapters[adapter_name]
+            prefix = f"{path}."
+            sub = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix) and "." not in key[len(prefix) :]}
+            expected = {k: v for k, v in adapter.state_dict().items()}
+            for key, value in sub.items():
+                if key not in expected:
+                    raise ValueError(f"Checkpoint {source} has unexpected tensor {prefix}{key}.")
+                if tuple(expected[key].shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"Checkpoint {source} does not fit this model: {prefix}{key} has shape {tuple(value.shape)}, "
+                        f"the model expects {tuple(expected[key].shape)} (different r or a different base model?)."
+                    )
+            missing = sorted(set(expected) - set(sub))
+            if missing:
+                raise ValueError(f"Checkpoint {source} lacks {[prefix + m for m in missing]}.")
+            device = layer.base_layer.weight.device
+            sub = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in sub.items()}
+            adapter.load_state_dict(sub, strict=True, assign=assign)
+        for path, wrapper in self._wrappers():
+            if adapter_name not in wrapper.copies:
+                continue
+            prefix = f"{_MODULES_TO_SAVE_PREFIX}{path}."
+            sub = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+            wrapper.copies[adapter_name].load_state_dict(sub, strict=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False,
+        check_base_weights: bool = True,
+    ) -> "KasaModel":
+        """Wrap ``model`` with the adapter saved at ``path`` (ours, or a PEFT KaSA/LoRA checkpoint).
+
+        ``is_trainable=False`` (default) loads for inference: no parameter requires grad.
+        ``low_cpu_mem_usage=True`` creates the adapter tensors on the meta device and assigns the loaded ones.
+        """
+        kasa_model = cls(model, None)
+        kasa_model.load_adapter(
+            path,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            check_base_weights=check_base_weights,
+        )
+        kasa_model.set_adapter(adapter_name)
+        return kasa_model
+
+
+def get_kasa_model(model: nn.Module, config: KasaConfig, adapter_name: str = "default") -> KasaModel:
+    """Wrap ``model`` with a new, trainable KaSA adapter (the counterpart of ``peft.get_peft_model``)."""
+    return KasaModel(model, config, adapter_name=adapter_name)
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / CONFIG_NAME).read_text())

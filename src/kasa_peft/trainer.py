@@ -1,0 +1,98 @@
+"""``transformers.Trainer`` integration: the KaSA regulariser is part of the optimised loss, no loop to write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+from transformers import Trainer
+
+from .checkpoint import WEIGHTS_NAME
+from .config import CONFIG_NAME
+from .model import KasaModel
+
+
+def find_kasa_model(model: nn.Module) -> KasaModel | None:
+    """The ``KasaModel`` inside ``model`` (itself, or under DDP/FSDP/compile wrappers), else ``None``."""
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, KasaModel):
+            return model
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        seen += 1
+    return None
+
+
+class KasaTrainer(Trainer):
+    """A ``Trainer`` whose training loss is ``task loss + KasaModel.regularization_loss()``.
+
+    The regulariser is added once per optimiser step whatever the gradient accumulation: when the Trainer divides
+    each micro-batch loss by the accumulation steps the full term is added per micro-batch, and when the model already
+    normalised its loss over the whole accumulated batch (``num_items_in_batch``) a 1/steps share is added.
+    Checkpoints hold the adapter (``kasa_config.json`` + ``kasa_adapter.safetensors``), and ``resume_from_checkpoint``
+    restores it. The mean regulariser since the last log is logged as ``kasa_reg_loss``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if find_kasa_model(self.model) is None:
+            raise TypeError("KasaTrainer needs a KasaModel; wrap your model with kasa_peft.get_kasa_model first.")
+        self._kasa_reg_sum = 0.0
+        self._kasa_reg_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        kasa_model = find_kasa_model(model)
+        if model.training and kasa_model is not None:
+            reg = kasa_model.regularization_loss().to(loss.device)
+            self._kasa_reg_sum += float(reg.detach())
+            self._kasa_reg_count += 1
+            if self._loss_is_normalised_over_accumulation(num_items_in_batch):
+                reg = reg / self.current_gradient_accumulation_steps
+            loss = loss + reg.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_normalised_over_accumulation(self, num_items_in_batch) -> bool:
+        # Mirrors Trainer.training_step's decision whether to divide the loss by the accumulation steps.
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return bool(explicit)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._kasa_reg_count and "loss" in logs:
+            logs = {**logs, "kasa_reg_loss": self._kasa_reg_sum / self._kasa_reg_count}
+            self._kasa_reg_sum, self._kasa_reg_count = 0.0, 0
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        find_kasa_model(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        # JSON rather than the Trainer's pickled training_args.bin: nothing we write needs unpickling to read.
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        kasa_model = find_kasa_model(model if model is not None else self.model)
+        path = Path(resume_from_checkpoint)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a KasaTrainer checkpoint (missing {CONFIG_NAME} / {WEIGHTS_NAME}).")
+        load_adapter_weights_(kasa_model, path, kasa_model.active_adapter)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best:
+            load_adapter_weights_(find_kasa_model(self.model), Path(best), find_kasa_model(self.model).active_adapter)
+
+
+def load_adapter_weights_(kasa_model: KasaModel, path: Path, adapter_name: str) -> None:
+    """Overwrite an existing adapter's tensors in place from a ``save_pretrained`` directory (used on resume)."""
+    from . import checkpoint
+
+    tensors, _ = checkpoint.load_tensors(path / WEIGHTS_NAME)
+    kasa_model._load_adapter_tensors(adapter_name, tensors, assign=False, source=path)
