@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoint import WEIGHTS_NAME
+from .checkpoint import WEIGHTS_NAME, atomic_write_text
 from .config import CONFIG_NAME
 from .model import KasaModel
 
@@ -24,30 +28,47 @@ def find_kasa_model(model: nn.Module) -> KasaModel | None:
     return None
 
 
-class KasaTrainer(Trainer):
-    """A ``Trainer`` whose training loss is ``task loss + KasaModel.regularization_loss()``.
+COMPLETE_MARKER = "checkpoint_complete.json"
 
-    The regulariser is added once per optimiser step whatever the gradient accumulation: when the Trainer divides
-    each micro-batch loss by the accumulation steps the full term is added per micro-batch, and when the model already
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` under ``output_dir`` that was written to the end (has the completion marker).
+
+    A run killed while writing a checkpoint leaves a folder without the marker; resuming must skip it.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    complete = [
+        path
+        for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.is_dir() and (path / COMPLETE_MARKER).is_file() and path.name.split("-")[-1].isdigit()
+    ]
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
+class RegularizedTrainerMixin:
+    """Adds ``regularization_term(model)`` to the training loss once per optimiser step, logs it, and marks
+    checkpoints complete. Mix in before ``transformers.Trainer``.
+
+    The term is added once per optimiser step whatever the gradient accumulation: when the Trainer divides each
+    micro-batch loss by the accumulation steps the full term is added per micro-batch, and when the model already
     normalised its loss over the whole accumulated batch (``num_items_in_batch``) a 1/steps share is added.
-    Checkpoints hold the adapter (``kasa_config.json`` + ``kasa_adapter.safetensors``), and ``resume_from_checkpoint``
-    restores it. The mean regulariser since the last log is logged as ``kasa_reg_loss``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if find_kasa_model(self.model) is None:
-            raise TypeError("KasaTrainer needs a KasaModel; wrap your model with kasa_peft.get_kasa_model first.")
-        self._kasa_reg_sum = 0.0
-        self._kasa_reg_count = 0
+    _reg_sum = 0.0
+    _reg_count = 0
+
+    def regularization_term(self, model) -> torch.Tensor | None:  # pragma: no cover - overridden
+        return None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        kasa_model = find_kasa_model(model)
-        if model.training and kasa_model is not None:
-            reg = kasa_model.regularization_loss().to(loss.device)
-            self._kasa_reg_sum += float(reg.detach())
-            self._kasa_reg_count += 1
+        reg = self.regularization_term(model) if model.training else None
+        if reg is not None:
+            reg = reg.to(loss.device)
+            self._reg_sum += float(reg.detach())
+            self._reg_count += 1
             if self._loss_is_normalised_over_accumulation(num_items_in_batch):
                 reg = reg / self.current_gradient_accumulation_steps
             loss = loss + reg.to(loss.dtype)
@@ -61,10 +82,41 @@ class KasaTrainer(Trainer):
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._kasa_reg_count and "loss" in logs:
-            logs = {**logs, "kasa_reg_loss": self._kasa_reg_sum / self._kasa_reg_count}
-            self._kasa_reg_sum, self._kasa_reg_count = 0.0, 0
+        if self._reg_count and "loss" in logs:
+            logs = {**logs, "reg_loss": self._reg_sum / self._reg_count}
+            self._reg_sum, self._reg_count = 0.0, 0
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.is_dir():
+            # Written last and atomically: its presence means every file of the checkpoint is complete.
+            atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"global_step": self.state.global_step}))
+
+
+class KasaTrainer(RegularizedTrainerMixin, Trainer):
+    """A ``Trainer`` whose training loss is ``task loss + KasaModel.regularization_loss()``.
+
+    Checkpoints hold the adapter (``kasa_config.json`` + ``kasa_adapter.safetensors``) and a completion marker
+    (see :func:`last_complete_checkpoint`); ``resume_from_checkpoint`` restores the adapter. The mean regulariser
+    since the last log is logged as ``reg_loss``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if find_kasa_model(self.model) is None:
+            raise TypeError("KasaTrainer needs a KasaModel; wrap your model with kasa_peft.get_kasa_model first.")
+
+    def regularization_term(self, model) -> torch.Tensor | None:
+        return find_kasa_model(model).regularization_loss()
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Column pruning must look at the wrapped model's forward, not KasaModel's (*args, **kwargs).
+        if self._signature_columns is None:
+            base = find_kasa_model(self.model).base_model
+            self._signature_columns = list(inspect.signature(base.forward).parameters)
+            self._signature_columns += list({"label", "label_ids", *self.label_names})
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
