@@ -1,0 +1,1 @@
+"""Experiment harness: data, training, evaluation and reporting for the KaSA paper reproductions."""

