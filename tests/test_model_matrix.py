@@ -269,3 +269,21 @@ def test_adapter_forward_has_no_graph_breaks():
     layer = layer_model.base_model.lin0
     explanation = torch._dynamo.explain(layer)(torch.randn(3, 12))
     assert explanation.graph_break_count == 0
+
+
+def test_fused_and_unfused_adapter_paths_agree():
+    """Dropout 0 takes the fused rank-2r path; a Dropout module (identity in eval) takes the two-term path."""
+    from kasa_peft.layer import KasaAdapter
+
+    fused = KasaAdapter(12, 20, 3, 6.0, 0.0)
+    unfused = KasaAdapter(12, 20, 3, 6.0, 0.5)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in ("lora_A", "lora_B", "sigma", "minor_u_sigma", "minor_vh"):
+            value = torch.randn(getattr(fused, tensor).shape, generator=generator)
+            getattr(fused, tensor).copy_(value)
+            getattr(unfused, tensor).copy_(value)
+    unfused.eval()
+    x = torch.randn(4, 12, generator=generator)
+    torch.testing.assert_close(fused(x), unfused(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused(x), x @ fused.delta_weight().T, rtol=1e-5, atol=1e-5)

@@ -107,6 +107,13 @@ class KasaAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The additive output for input ``x`` (…, in): ``ΔW·dropout(x) − W_minor·x``, shape (…, out)."""
         x = x.to(self.lora_A.dtype)
+        if self.truncate and self.sigma is not None and isinstance(self.dropout, nn.Identity):
+            # Without dropout both terms read the same x, so they fuse into one rank-2r product
+            # [B, U_rΣ_r] · diag([(α/r)σ, −1]) · [A; V_rᵀ] x: two matmuls instead of four (≈ LoRA's cost).
+            down = torch.cat([self.lora_A, self.minor_vh])
+            up = torch.cat([self.lora_B, self.minor_u_sigma], dim=1)
+            coefficients = torch.cat([self.sigma * self.scaling, torch.full_like(self.sigma, -1.0)])
+            return F.linear(F.linear(x, down) * coefficients, up)
         # σ scales the r-dim intermediate elementwise: no diag(σ) matrix is ever built.
         output = F.linear(F.linear(self.dropout(x), self.lora_A) * self.update_scale(), self.lora_B)
         if self.truncate:
