@@ -1,0 +1,56 @@
+"""CLI smoke tests through typer's runner: help everywhere, scoring, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kasa_peft.experiments.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["compare"], ["report"], ["merge"], ["demo"], ["score"], ["score", "e2e"]])
+def test_help_everywhere(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_score_e2e_prints_the_five_metrics(tmp_path):
+    hyps = tmp_path / "hyp.txt"
+    refs = tmp_path / "refs.txt"
+    hyps.write_text("the eagle is a cheap pub near the river .\nblue spice serves french food .\n")
+    refs.write_text("the eagle is a cheap pub near the river .\nthe eagle is a cheap pub .\n\nblue spice serves french food .\n")
+    result = runner.invoke(app, ["score", "e2e", str(hyps), str(refs)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert set(scores) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert scores["BLEU"] == pytest.approx(1.0)
+
+
+def test_score_e2e_mismatched_counts_is_one_clear_error(tmp_path):
+    hyps = tmp_path / "hyp.txt"
+    refs = tmp_path / "refs.txt"
+    hyps.write_text("one\ntwo\nthree\n")
+    refs.write_text("one\n\ntwo\n")
+    result = runner.invoke(app, ["score", "e2e", str(hyps), str(refs)])
+    assert result.exit_code != 0
+    assert "error:" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "adalora"], "Unknown method"),
+        (["--task", "mnli"], "Unknown task"),
+        (["--config", "missing.yaml"], "Config file not found"),
+    ],
+)
+def test_train_bad_input_is_one_line(tmp_path, args, message):
+    result = runner.invoke(app, ["train", "--output-dir", str(tmp_path / "run"), *args])
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "result.json").exists()
