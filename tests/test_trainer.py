@@ -98,3 +98,17 @@ def test_checkpoints_are_marked_complete(tmp_path):
     assert (tmp_path / "checkpoint-4" / COMPLETE_MARKER).is_file()
     (tmp_path / "checkpoint-6").mkdir()  # what a kill in the middle of writing leaves behind
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+
+
+def test_evaluate_reports_loss_and_metrics(tmp_path):
+    """Label names come from the wrapped model, so evaluation computes eval_loss and calls compute_metrics."""
+    model = _model(BERT)
+    seen = {}
+
+    def compute_metrics(eval_pred):
+        seen["n"] = len(eval_pred.label_ids)
+        return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
+
+    trainer = KasaTrainer(model=model, args=_args(tmp_path), eval_dataset=_Tokens(6, True), compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and "eval_accuracy" in metrics and seen["n"] == 6

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import can_return_loss, find_labels
 
 from .checkpoint import WEIGHTS_NAME, atomic_write_text
 from .config import CONFIG_NAME
@@ -105,8 +106,14 @@ class KasaTrainer(RegularizedTrainerMixin, Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if find_kasa_model(self.model) is None:
+        kasa_model = find_kasa_model(self.model)
+        if kasa_model is None:
             raise TypeError("KasaTrainer needs a KasaModel; wrap your model with kasa_peft.get_kasa_model first.")
+        # The Trainer reads label names and loss support off the model class; KasaModel's forward is (*args, **kwargs).
+        base_class = kasa_model.base_model.__class__
+        if self.args.label_names is None:
+            self.label_names = find_labels(base_class)
+        self.can_return_loss = can_return_loss(base_class)
 
     def regularization_term(self, model) -> torch.Tensor | None:
         return find_kasa_model(model).regularization_loss()

@@ -345,7 +345,9 @@ def run_experiment(config: RunConfig, resume: bool = False, overwrite: bool = Fa
         trainer.evaluate()
         evals = _eval_history(metrics_path)
     if setup.eval_during_training:
-        strip = lambda record: {k[5:]: v for k, v in record.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        bookkeeping = {"runtime", "samples_per_second", "steps_per_second"}
+        strip = lambda record: {k[5:]: v for k, v in record.items()
+                                if k.startswith("eval_") and k[5:] not in bookkeeping and isinstance(v, (int, float))}
         final = strip(evals[-1])
         best_record = max(evals, key=lambda rec: rec.get(f"eval_{setup.primary_metric}", float("-inf")))
         best = {**strip(best_record), "epoch": best_record.get("epoch")}

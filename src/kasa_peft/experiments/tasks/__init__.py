@@ -1,0 +1,1 @@
+"""Task loaders: GLUE, E2E, commonsense reasoning, instruction following (local files or the Hub)."""
