@@ -208,7 +208,7 @@ class MetricsLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        kind = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        kind = "eval" if any(k.startswith("eval_") for k in logs) else "summary" if "train_runtime" in logs else "train"
         record = {"step": state.global_step, "epoch": state.epoch, "kind": kind, **logs}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
