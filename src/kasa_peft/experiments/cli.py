@@ -193,15 +193,17 @@ def score_e2e_command(
 @app.command()
 def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), help="Where the two runs and the report go."),
-    train_limit: int = typer.Option(1000, help="Training sentences from the shipped SST-2 subset."),
-    eval_limit: int = typer.Option(500, help="Dev sentences to evaluate on."),
-    epochs: float = typer.Option(2.0),
+    train_limit: int = typer.Option(2000, help="Training sentences from the shipped SST-2 subset (2,000 at most)."),
+    eval_limit: int = typer.Option(500, help="Dev sentences to evaluate on (500 at most)."),
+    epochs: float = typer.Option(3.0),
 ) -> None:
     """KaSA vs LoRA on a real GLUE task (SST-2 subset shipped with the package) with the packaged MiniLM, on the CPU."""
     _offline_defaults()
     from .compare import run_comparison
 
     console.print("[bold]kasa demo[/]: MiniLM (all-MiniLM-L6-v2, real weights) on SST-2, KaSA vs LoRA, r=8, q/v targets")
+    if output_dir.exists():
+        console.print(f"finished runs in {output_dir} are reused; delete it to train again")
     try:
         table = run_comparison(
             None, ["kasa", "lora"], [0], output_dir, resume=True, task="sst2", model="minilm", demo_data=True,

@@ -77,7 +77,17 @@ def smollm2_dir() -> Path:
 
 
 def _tiny_model(name: str, task_kind: str, num_labels: int) -> LoadedModel:
-    """Random-init models sized for tests; they borrow MiniLM's WordPiece tokenizer (offline)."""
+    """Random-init models sized for tests; they borrow MiniLM's WordPiece tokenizer (offline).
+
+    Built from a fixed seed, so that "the same tiny model" is the same weights in every process (a saved adapter
+    is refused by a base whose weights differ).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _build_tiny_model(name, task_kind, num_labels)
+
+
+def _build_tiny_model(name: str, task_kind: str, num_labels: int) -> LoadedModel:
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
