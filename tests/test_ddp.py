@@ -34,3 +34,19 @@ def test_two_process_ddp_keeps_adapters_in_sync(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
     # Training happened: B moved away from its zero init on every layer.
     assert all(rank0[k].abs().sum() > 0 for k in rank0 if k.endswith("lora_B"))
+
+
+def test_kasa_train_runs_under_torchrun(tmp_path):
+    """The harness goes through the Trainer, so torchrun/accelerate launch give DDP without code changes."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               "-m", "kasa_peft.experiments.cli", "train", "--task", "sst2", "--demo-data", "--model", "tiny-bert",
+               "--train-limit", "64", "--eval-limit", "32", "--batch-size", "4", "--max-steps", "4",
+               "--output-dir", str(tmp_path / "run")]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "complete" and result["global_step"] == 4
+    assert "accuracy" in result["final"]

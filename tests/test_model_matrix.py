@@ -287,3 +287,25 @@ def test_fused_and_unfused_adapter_paths_agree():
     x = torch.randn(4, 12, generator=generator)
     torch.testing.assert_close(fused(x), unfused(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused(x), x @ fused.delta_weight().T, rtol=1e-5, atol=1e-5)
+
+
+def test_several_adapters_save_and_load_by_name(tmp_path):
+    case = CASES[0]
+    original = case.build()
+    inputs = case.make_inputs()
+    model = get_kasa_model(copy.deepcopy(original), _config(case))
+    model.add_adapter("other", KasaConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    _perturb_adapters(model, seed=3)
+    outputs = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        outputs[name] = case.output(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "kasa_config.json").is_file() and (tmp_path / "other" / "kasa_config.json").is_file()
+    loaded = KasaModel.from_pretrained(copy.deepcopy(original), tmp_path)
+    loaded.load_adapter(tmp_path / "other", adapter_name="other")
+    assert torch.equal(case.output(loaded, inputs), outputs["default"])
+    loaded.set_adapter("other")
+    assert torch.equal(case.output(loaded, inputs), outputs["other"])
+    with pytest.raises(ValueError, match="already exists"):
+        loaded.load_adapter(tmp_path / "other", adapter_name="other")

@@ -54,7 +54,7 @@ class RunConfig:
     seed: int = 0
     save_steps: int = 50
     logging_steps: int = 10
-    num_beams: int = 1
+    num_beams: int | None = field(default=None, metadata={"help": "Beam width; default per task: E2E 10 (LoRA paper), commonsense 4 (LLM-Adapters), instruction 1."})
     max_new_tokens: int = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
 
@@ -65,6 +65,12 @@ class RunConfig:
             raise ValueError(f"Unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)}.")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    @property
+    def beams(self) -> int:
+        if self.num_beams is not None:
+            return self.num_beams
+        return {"e2e": 10, "commonsense": 4}.get(self.family, 1)
 
     @property
     def family(self) -> str:

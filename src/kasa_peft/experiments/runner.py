@@ -106,7 +106,7 @@ def _e2e_setup(config: RunConfig, tokenizer_holder: dict) -> TaskSetup:
 
     def evaluate(model, tokenizer, cfg: RunConfig, run_dir: Path) -> dict[str, float]:
         prompts = [prompt for prompt, _ in groups]
-        hypotheses = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.num_beams, cfg.max_new_tokens,
+        hypotheses = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.beams, cfg.max_new_tokens,
                                     description="E2E decoding")
         e2e.write_hypothesis_file(hypotheses, run_dir / "e2e_hypotheses.txt")
         e2e.write_e2e_reference_file([refs for _, refs in groups], run_dir / "e2e_references.txt")
@@ -128,7 +128,7 @@ def _commonsense_setup(config: RunConfig, tokenizer_holder: dict) -> TaskSetup:
         records = []
         for task, items in eval_sets.items():
             prompts = [cs.generate_prompt(item["instruction"], item.get("input")) for item in items]
-            outputs = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.num_beams, cfg.max_new_tokens,
+            outputs = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.beams, cfg.max_new_tokens,
                                      description=f"{task} decoding")
             correct = 0
             for item, output in zip(items, outputs):
@@ -168,7 +168,7 @@ def _instruction_setup(config: RunConfig, tokenizer_holder: dict) -> TaskSetup:
 
     def evaluate(model, tokenizer, cfg: RunConfig, run_dir: Path) -> dict[str, float]:
         prompts = [chat_prompt(tokenizer, q["turns"][0]) for q in questions]
-        answers = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.num_beams, cfg.max_new_tokens,
+        answers = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.beams, cfg.max_new_tokens,
                                  description="MT-Bench turn 1")
         records = [{"question_id": q["question_id"], "category": q["category"], "answer": a} for q, a in zip(questions, answers)]
         atomic_write_text(run_dir / "mt_bench_answers.jsonl", "".join(json.dumps(r) + "\n" for r in records))
