@@ -71,6 +71,15 @@ def _load_json_list(path: Path, task: str) -> list[dict]:
     return items
 
 
+def _multiple_choice_item(lead: str, options: list[str], word: str, gold: int) -> dict:
+    """An item in LLM-Adapters' multiple-choice wording: lead, blank line, "Answer1: … Answer2: …", blank line, format."""
+    listed = " ".join(f"{word.capitalize()}{k}: {option}" for k, option in enumerate(options, start=1))
+    formats = "/".join(f"{word}{k}" for k in range(1, len(options) + 1))
+    answer = f"{word}{gold + 1}"
+    instruction = f"{lead}\n\n{listed}\n\nAnswer format: {formats}"
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
 def _load_hellaswag(root: Path | None) -> list[dict]:
     path = require_file(root, "commonsense/hellaswag/hellaswag_val_full.txt.bz2", "HellaSwag")
     lines = bz2.open(path, "rt", encoding="utf-8").read().splitlines()
@@ -82,13 +91,8 @@ def _load_hellaswag(root: Path | None) -> list[dict]:
         if not label.strip().isdigit():
             raise DataError(f"{path}:{start + 2}: gold label {label!r} is not 0-3")
         gold = check_label(int(label), {0, 1, 2, 3}, path, start + 2)
-        options = " ".join(f"Ending{k + 1}: {ending.strip()}" for k, ending in enumerate(endings))
-        instruction = (
-            f"Please choose the correct ending to complete the given sentence: {context.strip()}\n\n{options}\n\n"
-            "Answer format: ending1/ending2/ending3/ending4"
-        )
-        answer = f"ending{gold + 1}"
-        items.append({"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer})
+        lead = f"Please choose the correct ending to complete the given sentence: {context.strip()}"
+        items.append(_multiple_choice_item(lead, [ending.strip() for ending in endings], "ending", gold))
     return items
 
 
@@ -102,13 +106,8 @@ def _load_siqa_train(root: Path | None) -> list[dict]:
     items = []
     for number, (row, label) in enumerate(zip(rows, labels), start=1):
         check_label(label, {"1", "2", "3"}, labels_path, number)
-        options = " ".join(f"Answer{k}: {row['answer' + c]}" for k, c in ((1, "A"), (2, "B"), (3, "C")))
-        instruction = (
-            f"Please choose the correct answer to the question: {row['context']} {row['question']}\n\n{options}\n\n"
-            "Answer format: answer1/answer2/answer3"
-        )
-        answer = f"answer{label}"
-        items.append({"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer})
+        lead = f"Please choose the correct answer to the question: {row['context']} {row['question']}"
+        items.append(_multiple_choice_item(lead, [row["answerA"], row["answerB"], row["answerC"]], "answer", int(label) - 1))
     return items
 
 
