@@ -54,3 +54,21 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_yaml_config_with_flag_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("task: sst2\nmethod: lora\nmodel: tiny-bert\ndemo_data: true\ntrain_limit: 16\neval_limit: 8\n"
+                      "batch_size: 8\nmax_steps: 2\nseed: 5\n")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--method", "kasa", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output[-2000:]
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["method"] == "kasa" and recorded["seed"] == 5 and recorded["max_steps"] == 2
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text('{"task": "sst2", "learning_rat": 0.1}')
+    result = runner.invoke(app, ["train", "--config", str(config), "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "learning_rat" in result.output
