@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -448,7 +447,3 @@ class KasaModel(nn.Module):
 def get_kasa_model(model: nn.Module, config: KasaConfig, adapter_name: str = "default") -> KasaModel:
     """Wrap ``model`` with a new, trainable KaSA adapter (the counterpart of ``peft.get_peft_model``)."""
     return KasaModel(model, config, adapter_name=adapter_name)
-
-
-def read_adapter_config(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / CONFIG_NAME).read_text())

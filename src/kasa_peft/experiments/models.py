@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +158,3 @@ def load_model(model: str, task_kind: str, num_labels: int = 2, dtype: torch.dty
 def describe(loaded: LoadedModel) -> dict:
     return {"name": loaded.name, "source": loaded.source, "class": type(loaded.model).__name__,
             "parameters": sum(p.numel() for p in loaded.model.parameters())}
-
-
-def dump_json(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=str)
