@@ -130,3 +130,13 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_all_linear_skips_task_heads():
+    bert = CASES[2].build()
+    model = get_kasa_model(bert, KasaConfig(r=4, target_modules="all-linear", modules_to_save=["classifier"]))
+    targeted = [name for name, _ in model.kasa_layers()]
+    assert targeted and not any("classifier" in name for name in targeted)
+    assert "bert.pooler.dense" in targeted
+    llama = get_kasa_model(CASES[0].build(), KasaConfig(r=4, target_modules="all-linear"))
+    assert not any("lm_head" in name for name, _ in llama.kasa_layers())

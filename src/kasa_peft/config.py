@@ -31,7 +31,7 @@ class KasaConfig:
         default=None,
         metadata={
             "help": "Modules to adapt: a list of names (exact or suffix match, e.g. ['q_proj', 'v_proj']), a regex "
-            "string (full match on the module path), or 'all-linear' (every Linear/Conv1D but the output layer)."
+            "string (full match on the module path), or 'all-linear' (every Linear/Conv1D but the output layer and task heads such as classifier/score)."
         },
     )
     exclude_modules: list[str] | str | None = field(

@@ -10,6 +10,10 @@ from torch import nn
 from .config import KasaConfig
 from .layer import SUPPORTED_LAYER_TYPES, KasaLayer, ModulesToSaveWrapper
 
+# Task heads are newly initialised and tiny (often out = num_labels): "all-linear" leaves them out, as PEFT does for
+# its task types; train them with modules_to_save instead.
+_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head")
+
 # Sub-module names that belong to our own wrappers and must never be targeted themselves.
 _WRAPPER_CHILDREN = ("base_layer", "kasa_adapters", "original_module", "copies")
 
@@ -52,7 +56,10 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
         matched = [
             (name, module)
             for name, module in candidates
-            if _is_linear_like(module) and name not in excluded and not name_matches(name, list(protected))
+            if _is_linear_like(module)
+            and name not in excluded
+            and not name_matches(name, list(protected))
+            and not any(part in _HEAD_NAMES for part in name.split("."))
         ]
     else:
         matched = [(name, module) for name, module in candidates if name_matches(name, config.target_modules)]

@@ -2,65 +2,133 @@
 
 A run directory holds ``config.json``, ``metrics.jsonl``, ``result.json`` (``status: complete`` once finished) and
 optionally ``analysis.json`` (spectrum of a targeted weight, learned σ per layer). Unfinished runs are listed as
-such and never enter the numbers.
+such and never enter the numbers, the curves or the plots.
+
+Plots use matplotlib's object API on an Agg canvas created inside each function: importing this module does not
+import matplotlib, and plotting never touches pyplot's global state (backend, current figure).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 from kasa_peft.checkpoint import atomic_write_bytes, atomic_write_text
 
 METHOD_ORDER = ("kasa", "peft-kasa", "lora", "pissa", "milora", "dora", "full")
-UNSCALED_METRICS = {"NIST", "CIDEr", "loss", "answered", "with_reference", "judge_score", "judge_rated", "epoch"}
+#: Metrics in [0, 1] shown ×100 (also with a prefix: ``boolq_accuracy``, ``ref_ROUGE_L``). Anything else (NIST,
+#: CIDEr, losses, counts, judge scores) is shown as recorded.
+SCALED_METRICS = (
+    "accuracy", "matthews_correlation", "mcc", "f1", "pearson", "spearmanr", "combined", "precision", "recall",
+    "exact_match", "BLEU", "METEOR", "ROUGE_L",
+)
+#: Metrics never shown as columns of the tables.
+HIDDEN_METRICS = {"epoch", "loss"}
 
 
+# ----------------------------------------------------------------------------------------------- runs
 @dataclass
 class Run:
+    """One run directory. ``result`` is ``None`` when ``result.json`` is missing or unreadable."""
+
     path: Path
     config: dict
     result: dict | None
 
     @property
     def complete(self) -> bool:
-        return bool(self.result) and self.result.get("status") == "complete"
+        return isinstance(self.result, dict) and self.result.get("status") == "complete"
+
+    @property
+    def reason(self) -> str:
+        """Why the run is not complete ("" when it is)."""
+        if self.complete:
+            return ""
+        if self.result is None:
+            return "no readable result.json" if (self.path / "result.json").exists() else "no result.json"
+        return f"status: {self.result.get('status', 'missing')}"
+
+    def _field(self, key: str) -> Any:
+        source = self.result if self.complete else self.config
+        return source.get(key, self.config.get(key))
+
+    @property
+    def task(self) -> str:
+        return str(self._field("task") or "?")
+
+    @property
+    def method(self) -> str:
+        return str(self._field("method") or "?")
+
+    @property
+    def seed(self) -> Any:
+        return self._field("seed")
 
     def read_jsonl(self, name: str) -> list[dict]:
+        """Records of a JSON-lines file; lines that are not JSON objects (a torn last line) are skipped."""
         path = self.path / name
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def analysis(self) -> dict:
-        path = self.path / "analysis.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        data = _read_json(self.path / "analysis.json")
+        return data if isinstance(data, dict) else {}
 
 
-def _load_run(path: Path) -> Run:
-    result_path = path / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.is_file() else None
-    return Run(path, json.loads((path / "config.json").read_text()), result)
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _run_config(path: Path) -> dict | None:
+    """The config of a run directory, or ``None`` when ``path`` is not one (a model's config.json has no method)."""
+    config = _read_json(path / "config.json")
+    if (path / "config.json").is_file() and config is None:
+        return {}  # unreadable: still a run directory, listed as unfinished
+    return config if isinstance(config, dict) and "method" in config else None
 
 
 def find_runs(paths: list[Path], max_depth: int = 3) -> list[Run]:
-    """Run directories at or below ``paths`` (a run directory is one with a config.json)."""
+    """Run directories at or below ``paths`` (a run directory has a config.json naming a ``method``).
+
+    Each path may be a run directory or a directory holding run directories up to ``max_depth`` levels down.
+    Checkpoint folders are not searched; a run found twice is returned once.
+    """
     runs: dict[Path, Run] = {}
 
     def visit(path: Path, depth: int) -> None:
-        if (path / "config.json").is_file() and "method" in json.loads((path / "config.json").read_text()):
-            runs[path.resolve()] = _load_run(path)
+        config = _run_config(path)
+        if config is not None:
+            result = _read_json(path / "result.json")
+            runs.setdefault(path.resolve(), Run(path, config, result if isinstance(result, dict) else None))
             return
-        if depth < max_depth and path.is_dir():
-            for child in sorted(p for p in path.iterdir() if p.is_dir() and p.name != "checkpoints"):
+        if depth < max_depth:
+            for child in sorted(p for p in path.iterdir() if p.is_dir() and p.name not in ("checkpoints", "adapter")):
                 visit(child, depth + 1)
 
-    for path in paths:
-        if not Path(path).exists():
+    for path in map(Path, paths):
+        if not path.is_dir():
             raise FileNotFoundError(f"No such run directory: {path}")
-        visit(Path(path), 0)
+        visit(path, 0)
     return list(runs.values())
 
 
@@ -68,208 +136,413 @@ def _method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def _seed_key(run: Run) -> tuple:
+    return (0, run.seed, "") if _is_number(run.seed) else (1, 0, str(run.seed))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def summarize(runs: list[Run]) -> list[dict]:
-    """One entry per (task, method): mean, sample std and n of every metric of the best and final evaluations."""
+    """One entry per (task, method) of the complete runs, ordered by task then :data:`METHOD_ORDER`.
+
+    Each entry: ``task, method, n, seeds, models, primary_metric, trainable_params`` and, for ``best`` and ``final``,
+    ``{metric: {"mean", "std", "n"}}`` with the sample standard deviation (n − 1; 0.0 for one value). Values that are
+    not finite numbers are left out, so a metric's ``n`` can be below the entry's.
+    """
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         if run.complete:
-            groups.setdefault((run.result["task"], run.result["method"]), []).append(run)
+            groups.setdefault((run.task, run.method), []).append(run)
     summary = []
     for (task, method), members in sorted(groups.items(), key=lambda item: (item[0][0], _method_rank(item[0][1]))):
-        entry = {"task": task, "method": method, "n": len(members), "seeds": sorted(r.result["seed"] for r in members),
-                 "primary_metric": members[0].result["primary_metric"],
-                 "trainable_params": members[0].result.get("trainable_params")}
+        members.sort(key=_seed_key)
+        params = [r.result.get("trainable_params") for r in members if _is_number(r.result.get("trainable_params"))]
+        entry: dict[str, Any] = {
+            "task": task, "method": method, "n": len(members), "seeds": [r.seed for r in members],
+            "models": sorted({str(r.result.get("model", r.config.get("model"))) for r in members}),
+            "primary_metric": members[0].result.get("primary_metric", "accuracy"),
+            "trainable_params": params[0] if params else None,
+        }
         for which in ("best", "final"):
-            stats = {}
-            keys = sorted({k for r in members for k, v in r.result[which].items() if isinstance(v, (int, float))})
-            for key in keys:
-                values = [float(r.result[which][key]) for r in members if key in r.result[which]]
-                stats[key] = {"mean": statistics.fmean(values),
-                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-            entry[which] = stats
+            columns: dict[str, list[float]] = {}
+            for run in members:
+                for key, value in (run.result.get(which) or {}).items():
+                    if _is_number(value) and math.isfinite(value):
+                        columns.setdefault(key, []).append(float(value))
+            entry[which] = {
+                key: {"mean": statistics.fmean(values),
+                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+                for key, values in sorted(columns.items())
+            }
         summary.append(entry)
     return summary
 
 
-def _format(metric: str, stat: dict | None) -> str:
-    if stat is None:
+# ----------------------------------------------------------------------------------------------- tables
+def is_scaled(metric: str) -> bool:
+    """Whether ``metric`` is a 0–1 score shown ×100."""
+    return any(metric == name or metric.endswith("_" + name) for name in SCALED_METRICS)
+
+
+def format_stat(metric: str, stat: dict | None, group_n: int | None = None) -> str:
+    """``mean ± std`` (×100 for 0–1 metrics); the std only with two or more values; ``(n=k)`` if values are missing."""
+    if not stat:
         return "–"
-    scale = 1.0 if metric in UNSCALED_METRICS else 100.0
+    scale = 100.0 if is_scaled(metric) else 1.0
     text = f"{stat['mean'] * scale:.2f}"
-    return text + (f" ± {stat['std'] * scale:.2f}" if stat["n"] > 1 else "")
+    if stat["n"] > 1:
+        text += f" ± {stat['std'] * scale:.2f}"
+    if group_n is not None and stat["n"] < group_n:
+        text += f" (n={stat['n']})"
+    return text
 
 
 def _best_methods(summary: list[dict], which: str) -> set[tuple[str, str]]:
     """(task, method) pairs with the highest primary-metric mean of their task; ties are all marked."""
-    means = {(e["task"], e["method"]): e[which][e["primary_metric"]]["mean"] for e in summary if e["primary_metric"] in e[which]}
-    top = {}
+    means = {(e["task"], e["method"]): e[which][e["primary_metric"]]["mean"]
+             for e in summary if e["primary_metric"] in e[which]}
+    top: dict[str, float] = {}
     for (task, _), mean in means.items():
         top[task] = max(top.get(task, mean), mean)
     return {key for key, mean in means.items() if mean == top[key[0]]}
 
 
+def _other_metrics(summary: list[dict], which: str) -> list[str]:
+    primaries = {e["primary_metric"] for e in summary}
+    return sorted({k for e in summary for k in e[which] if k not in HIDDEN_METRICS and k != e["primary_metric"]},
+                  key=lambda k: (k in primaries, k.lower()))
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _params(value: Any) -> str:
+    return f"{value:,}" if _is_number(value) else "–"
+
+
 def markdown_table(summary: list[dict], which: str = "best") -> str:
-    """Rows (task, method); metrics ×100 except NIST/CIDEr/loss; the best method per task in bold."""
+    """One row per (task, method): seeds, primary metric mean ± std, the other metrics, trainable parameters.
+
+    0–1 metrics are ×100, NIST/CIDEr/losses/counts as recorded; the best method per task (primary metric) is bold.
+    """
+    if which not in ("best", "final"):
+        raise ValueError(f"which must be 'best' or 'final', not {which!r}")
+    title = "best dev epoch" if which == "best" else "final evaluation"
     if not summary:
-        return f"_No finished runs ({which})._"
+        return f"_No finished runs ({title})._"
     bold = _best_methods(summary, which)
-    others = sorted({k for e in summary for k in e[which] if k not in (e["primary_metric"], "epoch", "loss")})
-    header = ["task", "method", "seeds", "primary (×100)", *others, "trainable params"]
-    lines = [f"**{which} {'dev epoch' if which == 'best' else 'evaluation'}** — mean ± std over seeds; "
-             "0–1 metrics ×100, NIST/CIDEr unscaled", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
+    others = _other_metrics(summary, which)
+    header = ["task", "method", "seeds", "primary metric (×100 if 0–1)",
+              *[f"{k} (×100)" if is_scaled(k) else k for k in others], "trainable params"]
+    lines = [
+        f"**{title}**: mean ± sample std over seeds. Metrics in [0, 1] (accuracy, MCC, F1, Pearson, BLEU, METEOR, "
+        "ROUGE-L) are ×100; NIST and CIDEr are unscaled. Bold: best method of the task on its primary metric.",
+        "",
+        "| " + " | ".join(_cell(h) for h in header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for entry in summary:
         primary = entry["primary_metric"]
-        value = f"{primary} {_format(primary, entry[which].get(primary))}"
+        value = f"{primary} {format_stat(primary, entry[which].get(primary), entry['n'])}"
         if (entry["task"], entry["method"]) in bold:
             value = f"**{value}**"
         cells = [entry["task"], entry["method"], str(entry["n"]), value,
-                 *[_format(k, entry[which].get(k)) for k in others], f"{entry['trainable_params'] or 0:,}"]
-        lines.append("| " + " | ".join(cells) + " |")
+                 *[format_stat(k, entry[which].get(k), entry["n"]) for k in others], _params(entry["trainable_params"])]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
 def rich_table(summary: list[dict], which: str = "best"):
+    """The :func:`markdown_table` rows as a ``rich.table.Table`` (best method per task in bold green)."""
     from rich.table import Table
 
-    table = Table(title=f"{which} (mean ± std over seeds, ×100 where 0–1)")
-    for column in ("task", "method", "seeds", "primary", "trainable"):
-        table.add_column(column, justify="right" if column in ("seeds", "trainable") else "left")
+    title = "best dev epoch" if which == "best" else "final evaluation"
+    table = Table(title=f"{title} (mean ± std over seeds; 0–1 metrics ×100)")
+    others = _other_metrics(summary, which) if summary else []
+    for column in ("task", "method", "seeds", "primary", *others, "trainable"):
+        table.add_column(column, justify="left" if column in ("task", "method", "primary") else "right")
     bold = _best_methods(summary, which)
     for entry in summary:
         primary = entry["primary_metric"]
-        value = f"{primary} {_format(primary, entry[which].get(primary))}"
+        value = f"{primary} {format_stat(primary, entry[which].get(primary), entry['n'])}"
         style = "bold green" if (entry["task"], entry["method"]) in bold else None
-        table.add_row(entry["task"], entry["method"], str(entry["n"]), value, f"{entry['trainable_params'] or 0:,}", style=style)
+        table.add_row(entry["task"], entry["method"], str(entry["n"]), value,
+                      *[format_stat(k, entry[which].get(k), entry["n"]) for k in others],
+                      _params(entry["trainable_params"]), style=style)
     return table
 
 
 # ----------------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float, ncols: int = 1):
+    """A figure on its own Agg canvas (no pyplot: no global backend switch, no figure registry to leak into)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
 
 
 def _save(fig, path: Path) -> Path:
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return Path(path)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", str(text)) or "_"
+
+
+def _mean_curve(curves: list[dict[float, float]]) -> tuple[list[float], list[float]]:
+    """Mean over seeds at the x values every seed has."""
+    shared = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return shared, [statistics.fmean(c[x] for c in curves) for x in shared]
 
 
 def plot_learning_curves(runs: list[Run], out_dir: Path) -> list[Path]:
-    """Per task: training loss vs step and the primary dev metric vs epoch, one line per (method, seed)."""
-    plt = _pyplot()
+    """Per task, ``curves_<task>.png``: training loss vs step and the primary dev metric vs epoch.
+
+    One colour per method: thin lines per seed and, with several seeds, their mean as a thick line. Tasks evaluated
+    only after training show the final value as a point. Incomplete runs are left out.
+    """
+    out_dir = Path(out_dir)
+    complete = [r for r in runs if r.complete]
     paths = []
-    tasks = sorted({r.result["task"] for r in runs if r.complete})
-    for task in tasks:
-        members = sorted((r for r in runs if r.complete and r.result["task"] == task),
-                         key=lambda r: (_method_rank(r.result["method"]), r.result["seed"]))
-        fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4))
-        colours = {}
+    for task in sorted({r.task for r in complete}):
+        members = sorted((r for r in complete if r.task == task), key=lambda r: (_method_rank(r.method), _seed_key(r)))
+        primary = members[0].result.get("primary_metric", "accuracy")
+        key = f"eval_{primary}"
+        fig, (loss_ax, metric_ax) = _figure(11, 4, ncols=2)
+        by_method: dict[str, list[Run]] = {}
         for run in members:
-            method = run.result["method"]
-            colour = colours.setdefault(method, f"C{len(colours)}")
-            label = method if method not in {l.get_label() for l in loss_ax.get_lines()} else None
-            train = [rec for rec in run.read_jsonl("metrics.jsonl") if rec["kind"] == "train" and "loss" in rec]
-            loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], color=colour, label=label, alpha=0.8)
-            key = f"eval_{run.result['primary_metric']}"
-            evals = [rec for rec in run.read_jsonl("metrics.jsonl") if rec["kind"] == "eval" and key in rec]
-            if evals:
-                metric_ax.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", color=colour, label=label)
+            by_method.setdefault(run.method, []).append(run)
+        once_only = False
+        for index, (method, group) in enumerate(by_method.items()):
+            colour = f"C{index % 10}"
+            losses, scores, first_lines = [], [], []
+            for run in group:
+                records = run.read_jsonl("metrics.jsonl")
+                train = {rec["step"]: rec["loss"] for rec in records
+                         if rec.get("kind") == "train" and _is_number(rec.get("loss")) and _is_number(rec.get("step"))}
+                evals = {rec["epoch"]: rec[key] for rec in records
+                         if rec.get("kind") == "eval" and _is_number(rec.get(key)) and _is_number(rec.get("epoch"))}
+                if not evals and _is_number((run.result.get("final") or {}).get(primary)):
+                    epoch = (run.result.get("best") or {}).get("epoch")
+                    evals = {float(epoch) if _is_number(epoch) else 0.0: run.result["final"][primary]}
+                    once_only = True
+                losses.append(train)
+                scores.append(evals)
+                thin = len(group) > 1
+                (loss_line,) = loss_ax.plot(sorted(train), [train[s] for s in sorted(train)], color=colour,
+                                            linewidth=0.8 if thin else 1.6, alpha=0.4 if thin else 0.9)
+                (metric_line,) = metric_ax.plot(sorted(evals), [evals[e] for e in sorted(evals)], color=colour, marker="o",
+                                                markersize=3 if thin else 5, linewidth=0.8 if thin else 1.6,
+                                                alpha=0.4 if thin else 0.9)
+                if not first_lines:
+                    first_lines = [loss_line, metric_line]
+            for ax, curves, marker, first in ((loss_ax, losses, None, first_lines[0]), (metric_ax, scores, "o", first_lines[1])):
+                xs, ys = _mean_curve([c for c in curves if c]) if len(group) > 1 else ([], [])
+                if xs:
+                    ax.plot(xs, ys, color=colour, linewidth=2.2, marker=marker, label=f"{method} (mean of {len(group)} seeds)")
+                elif any(curves):
+                    first.set_label(method if len(group) == 1 else f"{method} ({len(group)} seeds)")
         loss_ax.set(title=f"{task}: training loss", xlabel="step", ylabel="loss")
-        metric_ax.set(title=f"{task}: dev {members[0].result['primary_metric']}", xlabel="epoch")
-        loss_ax.legend()
-        if metric_ax.get_lines():
-            metric_ax.legend()
-        else:
-            metric_ax.text(0.5, 0.5, "evaluated once, after training", ha="center", transform=metric_ax.transAxes)
-        paths.append(_save(fig, out_dir / f"curves_{task}.png"))
-        plt.close(fig)
+        metric_ax.set(title=f"{task}: dev {primary}", xlabel="epoch", ylabel=primary)
+        for ax in (loss_ax, metric_ax):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            if not ax.get_lines() or not any(len(line.get_xdata()) for line in ax.get_lines()):
+                ax.text(0.5, 0.5, "no data logged", ha="center", va="center", transform=ax.transAxes)
+        if once_only:
+            metric_ax.text(0.02, 0.02, "evaluated once, after training", fontsize=8, transform=metric_ax.transAxes)
+        paths.append(_save(fig, out_dir / f"curves_{_slug(task)}.png"))
     return paths
 
 
 def plot_spectrum(run: Run, out_path: Path) -> Path | None:
-    """Singular values of the run's first targeted weight (log scale) with the r that KaSA drops marked."""
+    """Singular values (log scale) of the run's first targeted weight; the r smallest, which KaSA drops, in red.
+
+    Returns ``None`` (and writes nothing) when the run has no recorded spectrum.
+    """
     spectrum = run.analysis().get("spectrum")
-    if not spectrum:
+    if not isinstance(spectrum, dict) or not spectrum.get("singular_values"):
         return None
-    plt = _pyplot()
-    values, r = spectrum["singular_values"], spectrum["r"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    values = [float(v) for v in spectrum["singular_values"]]
+    positive = [v for v in values if v > 0]
+    floor = min(positive) / 10 if positive else 1e-12
+    values = [max(v, floor) for v in values]  # exact zeros cannot be drawn on a log axis
+    r = min(max(int(spectrum.get("r") or 0), 0), len(values))
     kept = len(values) - r
-    ax.semilogy(range(kept), values[:kept], color="C0", label="kept (world knowledge)")
-    ax.semilogy(range(kept, len(values)), values[kept:], color="C3", linewidth=3, label=f"dropped by KaSA (r={r})")
-    ax.axvspan(kept - 0.5, len(values) - 0.5, color="C3", alpha=0.12)
-    ax.set(title=f"singular values of {spectrum['module']}", xlabel="index (descending)", ylabel="σ")
-    ax.legend()
-    _save(fig, out_path)
-    plt.close(fig)
-    return out_path
+    fig, ax = _figure(7, 4)
+    ax.semilogy(range(kept), values[:kept], color="C0", marker="." if kept <= 64 else None, label="kept")
+    if r:
+        ax.semilogy(range(kept, len(values)), values[kept:], color="C3", linewidth=2.5,
+                    marker="o" if r <= 64 else None, markersize=3, label=f"dropped by KaSA (r={r})")
+        ax.axvspan(kept - 0.5, len(values) - 0.5, color="C3", alpha=0.12)
+        ax.annotate(f"dropped by KaSA (r={r})", xy=(kept + (r - 1) / 2, values[kept]),
+                    xytext=(0.55, 0.85), textcoords="axes fraction", color="C3", ha="center",
+                    arrowprops={"arrowstyle": "->", "color": "C3"})
+    ax.set(title=f"singular values of {spectrum.get('module', '?')} ({run.method}, {run.task})",
+           xlabel="index (descending)", ylabel="singular value")
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, Path(out_path))
 
 
 def plot_sigma(run: Run, out_path: Path) -> Path | None:
-    """Learned σ per adapted layer (heatmap layers × r) of a KaSA run."""
+    """Learned σ of a KaSA run as a heatmap (adapted layers × r components).
+
+    Returns ``None`` (and writes nothing) when the run recorded no σ (every method but KaSA).
+    """
     sigma = run.analysis().get("sigma")
-    if not sigma:
+    if not isinstance(sigma, dict) or not sigma:
         return None
-    plt = _pyplot()
     names = list(sigma)
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.25 * len(names) + 1)))
-    image = ax.imshow([sigma[n] for n in names], aspect="auto", cmap="coolwarm")
-    ax.set_yticks(range(len(names)), [n.replace(".weight", "")[-40:] for n in names], fontsize=7)
-    ax.set(title="learned σ per layer", xlabel="component")
-    fig.colorbar(image, ax=ax)
-    _save(fig, out_path)
-    plt.close(fig)
-    return out_path
+    width = max(len(sigma[n]) for n in names)
+    grid = [[float(v) for v in sigma[n]] + [math.nan] * (width - len(sigma[n])) for n in names]
+    limit = max((abs(v) for row in grid for v in row if math.isfinite(v)), default=1.0) or 1.0
+    fig, ax = _figure(max(5.0, 0.4 * width + 3), max(2.5, 0.25 * len(names) + 1.2))
+    image = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=-limit, vmax=limit, interpolation="nearest")
+    ax.set_yticks(range(len(names)), [n.removesuffix(".weight")[-45:] for n in names], fontsize=7)
+    ax.set_xticks(range(width))
+    ax.set(title=f"learned σ per layer ({run.task}, seed {run.seed})", xlabel="component (of r)")
+    fig.colorbar(image, ax=ax, label="σ")
+    return _save(fig, Path(out_path))
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _distinct(values: Iterable[Any]) -> str:
+    seen: list[str] = []
+    for value in values:
+        text = "–" if value is None else ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen) if seen else "–"
+
+
+def _learning_rate(config: dict) -> Any:
+    if config.get("method") == "full" and config.get("full_learning_rate") is not None:
+        return config["full_learning_rate"]
+    return config.get("learning_rate")
 
 
 def _settings_section(runs: list[Run]) -> str:
-    lines = ["| method | r | alpha | learning rate | targets | notes |", "|---|---|---|---|---|---|"]
-    seen = set()
-    for run in sorted((r for r in runs if r.complete), key=lambda r: _method_rank(r.result["method"])):
-        c = run.config
-        lr = c.get("full_learning_rate") if c.get("method") == "full" else c.get("learning_rate")
-        row = (c.get("method"), c.get("r"), c.get("lora_alpha"), lr, str(c.get("resolved_target_modules") or c.get("target_modules")),
-               "; ".join(run.result.get("notes", [])))
-        if row not in seen:
-            seen.add(row)
-            lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    """Per method, the distinct settings of its finished runs, so that differences across methods show."""
+    complete = sorted((r for r in runs if r.complete), key=lambda r: _method_rank(r.method))
+    if not complete:
+        return "_No finished runs._"
+    lines = ["| method | tasks | models | r | alpha | learning rate | targets | notes |", "|---|---|---|---|---|---|---|---|"]
+    methods: dict[str, list[Run]] = {}
+    for run in complete:
+        methods.setdefault(run.method, []).append(run)
+    for method, group in methods.items():
+        configs = [r.config for r in group]
+        cells = [
+            method,
+            _distinct(r.task for r in group),
+            _distinct(r.result.get("model", r.config.get("model")) for r in group),
+            _distinct(c.get("r") for c in configs),
+            _distinct(c.get("lora_alpha") for c in configs),
+            _distinct(_learning_rate(c) for c in configs),
+            _distinct(c.get("resolved_target_modules") or c.get("target_modules") for c in configs),
+            _distinct(note for r in group for note in (r.result.get("notes") or [])),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
+def _warnings(runs: list[Run]) -> list[str]:
+    """Groups whose runs differ in more than the seed (they are averaged together all the same)."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.complete:
+            groups.setdefault((run.task, run.method), []).append(run)
+    notes = []
+    for (task, method), group in sorted(groups.items()):
+        seeds = [str(r.seed) for r in group]
+        if len(set(seeds)) < len(seeds):
+            notes.append(f"{task}/{method}: the same seed appears more than once ({', '.join(sorted(seeds))})")
+        for label, getter in (("model", lambda r: r.result.get("model", r.config.get("model"))),
+                              ("r", lambda r: r.config.get("r")), ("lora_alpha", lambda r: r.config.get("lora_alpha")),
+                              ("learning rate", lambda r: _learning_rate(r.config)),
+                              ("targets", lambda r: r.config.get("resolved_target_modules") or r.config.get("target_modules"))):
+            values = _distinct(getter(r) for r in group)
+            if "; " in values:
+                notes.append(f"{task}/{method}: runs with different {label} ({values}) are averaged together")
+    return notes
+
+
+def _runs_section(runs: list[Run], summary: list[dict]) -> list[str]:
+    complete = [r for r in runs if r.complete]
+    incomplete = [r for r in runs if not r.complete]
+    lines = [
+        f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}: {len(complete)} finished run(s); "
+        f"{len(incomplete)} unfinished run(s) excluded from the numbers and plots.",
+        "",
+    ]
+    if summary:
+        lines += ["| task | method | finished runs | seeds |", "|---|---|---|---|"]
+        lines += [f"| {_cell(e['task'])} | {_cell(e['method'])} | {e['n']} | {_cell(_distinct(e['seeds']))} |" for e in summary]
+        lines.append("")
+    if incomplete:
+        lines += ["Unfinished (excluded):", ""]
+        lines += [f"- `{r.path}`: {r.task}/{r.method}, seed {r.seed if r.seed is not None else '?'} ({r.reason})"
+                  for r in sorted(incomplete, key=lambda r: str(r.path))]
+        lines.append("")
+    warnings = _warnings(runs)
+    if warnings:
+        lines += ["Check:", "", *[f"- {w}" for w in warnings], ""]
+    return lines
+
+
+def _analysis_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
+    """Spectrum and σ plots per task (from the lowest-seed KaSA run that has them); plain names with one task."""
+    complete = sorted((r for r in runs if r.complete), key=lambda r: (_method_rank(r.method), _seed_key(r)))
+    tasks = sorted({r.task for r in complete})
+    images = []
+    for task in tasks:
+        suffix = "" if len(tasks) == 1 else f"_{_slug(task)}"
+        members = [r for r in complete if r.task == task]
+        for run in members:  # KaSA first (method order); any method records the spectrum of the pretrained weight
+            path = plot_spectrum(run, out_dir / f"spectrum{suffix}.png")
+            if path is not None:
+                images.append((f"{task}: singular values of a targeted weight (from `{run.path.name}`)", path))
+                break
+        for run in (r for r in members if r.method == "kasa"):
+            path = plot_sigma(run, out_dir / f"sigma{suffix}.png")
+            if path is not None:
+                images.append((f"{task}: learned σ of KaSA (from `{run.path.name}`)", path))
+                break
+    return images
+
+
 def build_report(paths: list[Path], out_dir: Path) -> Path:
-    """Write ``out_dir/report.md`` and its PNG plots; returns the report's path."""
+    """Write ``out_dir/report.md`` (runs, best and final tables, settings, plots) and its PNGs; returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = find_runs([Path(p) for p in paths])
-    complete = [r for r in runs if r.complete]
-    incomplete = [r for r in runs if not r.complete]
+    if not runs:
+        raise FileNotFoundError(f"No run directories (with a config.json) under {', '.join(map(str, paths))}")
     summary = summarize(runs)
-    images = plot_learning_curves(runs, out_dir)
-    kasa_runs = [r for r in complete if r.result["method"] == "kasa"]
-    spectrum_run = kasa_runs[0] if kasa_runs else (complete[0] if complete else None)
-    if spectrum_run is not None:
-        images.append(plot_spectrum(spectrum_run, out_dir / "spectrum.png"))
-    if kasa_runs:
-        images.append(plot_sigma(kasa_runs[0], out_dir / "sigma.png"))
+    images = [(f"{path.stem.removeprefix('curves_')}: training loss and dev metric", path)
+              for path in plot_learning_curves(runs, out_dir)]
+    images += _analysis_plots(runs, out_dir)
     parts = [
         "# KaSA experiment report", "",
-        f"{len(complete)} finished run(s); {len(incomplete)} unfinished run(s) excluded from the numbers"
-        + (": " + ", ".join(str(r.path) for r in incomplete) if incomplete else "."), "",
+        "## Runs", "", *_runs_section(runs, summary),
         "## Best dev epoch", "", markdown_table(summary, "best"), "",
         "## Final evaluation", "", markdown_table(summary, "final"), "",
         "## Settings per method", "", _settings_section(runs), "",
         "## Plots", "",
-        *[f"![{image.stem}]({image.name})" for image in images if image is not None],
     ]
+    for caption, image in images:
+        parts += [f"### {caption}", "", f"![{image.stem}]({image.relative_to(out_dir).as_posix()})", ""]
+    if not images:
+        parts.append("_No plots (no finished runs)._")
     report = out_dir / "report.md"
-    atomic_write_text(report, "\n".join(parts) + "\n")
+    atomic_write_text(report, "\n".join(parts).rstrip() + "\n")
     return report
