@@ -97,3 +97,15 @@ def test_model_that_does_not_fit_the_task(tmp_path):
     result = runner.invoke(app, ["train", "--task", "sst2", "--demo-data", "--model", "tiny-llama", "--output-dir", str(tmp_path / "x")])
     assert result.exit_code != 0 and "does not fit" in result.output
     assert not (tmp_path / "x" / "result.json").exists()
+
+
+def test_packaged_minilm_trains_on_the_demo_data(tmp_path):
+    """The demo's real path (packaged MiniLM + shipped SST-2 subset), cut to two steps."""
+    out = tmp_path / "minilm"
+    _ok(runner.invoke(app, ["train", "--task", "sst2", "--demo-data", "--model", "minilm", "--method", "kasa",
+                            "--max-steps", "2", "--train-limit", "16", "--eval-limit", "16", "--batch-size", "8",
+                            "--max-length", "32", "--output-dir", str(out)]))
+    result = json.loads((out / "result.json").read_text())
+    assert result["model"] == "minilm" and 0.0 <= result["final"]["accuracy"] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved_target_modules"] == ["query", "value"] and config["modules_to_save"] == ["classifier"]
