@@ -441,14 +441,15 @@ def _settings_section(runs: list[Run]) -> str:
         methods.setdefault(run.method, []).append(run)
     for method, group in methods.items():
         configs = [r.config for r in group]
+        full = method == "full"  # r, alpha and targets do not apply: every parameter trains
         cells = [
             method,
             _distinct(r.task for r in group),
             _distinct(r.result.get("model", r.config.get("model")) for r in group),
-            _distinct(c.get("r") for c in configs),
-            _distinct(c.get("lora_alpha") for c in configs),
+            "n/a" if full else _distinct(c.get("r") for c in configs),
+            "n/a" if full else _distinct(c.get("lora_alpha") for c in configs),
             _distinct(_learning_rate(c) for c in configs),
-            _distinct(c.get("resolved_target_modules") or c.get("target_modules") for c in configs),
+            "all parameters" if full else _distinct(c.get("resolved_target_modules") or c.get("target_modules") for c in configs),
             _distinct(note for r in group for note in (r.result.get("notes") or [])),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
