@@ -104,3 +104,18 @@ def test_peft_rejects_what_we_support():
     with pytest.raises(ValueError, match="KaSA"):
         model = peft.get_peft_model(LLAMA.build(), peft.LoraConfig(r=4, target_modules=["q_proj"], kasa_config=PeftKasaConfig()))
         model.add_adapter("plain", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+def test_peft_loads_an_adapter_onto_a_different_base_silently_we_refuse(tmp_path):
+    """PEFT applies a KaSA adapter to any base of the same shapes; ours checks the weight fingerprints."""
+    from transformers import LlamaForCausalLM
+
+    original = LLAMA.build()
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(original.config)
+    _peft_kasa(original).save_pretrained(tmp_path / "peft")
+    peft.PeftModel.from_pretrained(copy.deepcopy(other), tmp_path / "peft")  # no complaint
+    ours = get_kasa_model(copy.deepcopy(original), KasaConfig(r=4, target_modules=TARGETS))
+    ours.save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="different base model"):
+        KasaModel.from_pretrained(copy.deepcopy(other), tmp_path / "ours")

@@ -13,6 +13,7 @@ offers two formats:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,6 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from . import checkpoint
-from .config import KasaConfig
 
 if TYPE_CHECKING:
     from .model import KasaModel
@@ -56,16 +56,8 @@ def load_peft_kasa_adapter(kasa_model: "KasaModel", path: str | Path, adapter_na
         beta = kasa["beta"] if isinstance(kasa, dict) else kasa.beta
         gamma = kasa["gamma"] if isinstance(kasa, dict) else kasa.gamma
         lora.kasa_config = None
-        base = config_from_peft_lora(lora)
-        config = KasaConfig(
-            r=base.r,
-            lora_alpha=base.lora_alpha,
-            lora_dropout=base.lora_dropout,
-            target_modules=base.target_modules,
-            exclude_modules=base.exclude_modules,
-            beta=beta,
-            gamma=gamma,
-        )
+        # Same translation as a plain LoRA config, then switched to KaSA with PEFT's β and γ.
+        config = dataclasses.replace(config_from_peft_lora(lora), adapter_type="kasa", truncate=True, beta=beta, gamma=gamma)
     else:
         config = config_from_peft_lora(lora)
     tensors, _ = checkpoint.load_tensors(path / PEFT_WEIGHTS_NAME)
