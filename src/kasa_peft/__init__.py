@@ -7,34 +7,50 @@ Quick start::
     loss = model(**batch).loss + model.regularization_loss()
 """
 
-from .config import KasaConfig
-from .interop import export_peft_checkpoint
-from .layer import KasaAdapter, KasaLayer
-from .model import KasaModel, get_kasa_model
-from .regularization import kasa_regularization
-from .spectral import MinorComponents, truncate_many, truncate_minor_components
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "KasaAdapter",
-    "KasaConfig",
-    "KasaLayer",
-    "KasaModel",
-    "KasaTrainer",
-    "MinorComponents",
-    "export_peft_checkpoint",
-    "get_kasa_model",
-    "kasa_regularization",
-    "truncate_many",
-    "truncate_minor_components",
-]
+# Public name -> submodule. Imported on first access (PEP 562), so that ``import kasa_peft.experiments.cli`` does not
+# pull in torch/transformers/huggingface_hub before the CLI has set its offline defaults (huggingface_hub reads
+# HF_HUB_OFFLINE once, at import), and ``kasa --help`` starts without the deep-learning stack.
+_EXPORTS = {
+    "KasaConfig": "config",
+    "export_peft_checkpoint": "interop",
+    "KasaAdapter": "layer",
+    "KasaLayer": "layer",
+    "KasaModel": "model",
+    "get_kasa_model": "model",
+    "kasa_regularization": "regularization",
+    "MinorComponents": "spectral",
+    "truncate_many": "spectral",
+    "truncate_minor_components": "spectral",
+    "KasaTrainer": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # static analysers see the eager imports
+    from .config import KasaConfig
+    from .interop import export_peft_checkpoint
+    from .layer import KasaAdapter, KasaLayer
+    from .model import KasaModel, get_kasa_model
+    from .regularization import kasa_regularization
+    from .spectral import MinorComponents, truncate_many, truncate_minor_components
+    from .trainer import KasaTrainer
 
 
 def __getattr__(name: str):
-    # The Trainer import pulls in most of transformers' training stack; only pay for it when it is used.
-    if name == "KasaTrainer":
-        from .trainer import KasaTrainer
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kasa_peft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        return KasaTrainer
-    raise AttributeError(f"module 'kasa_peft' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -20,19 +20,12 @@ from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArgum
 
 import kasa_peft
 from kasa_peft.checkpoint import atomic_write_text
-from kasa_peft.trainer import last_complete_checkpoint
 
 from .generation import ListDataset, SFTCollator, encode_sft_example, generate_texts
 from .methods import AdapterSettings, kasa_sigma_by_layer, prepare_model
 from .models import describe, load_model
+from .rundir import CHECKPOINT_SUBDIR, RunDirError, open_run_dir  # noqa: F401 - RunDirError re-exported
 from .runconfig import COMMONSENSE_TASK_NAMES, RunConfig
-
-CHECKPOINT_SUBDIR = "checkpoints"
-
-
-class RunDirError(ValueError):
-    """The run directory is in a state that the requested action would damage."""
-
 
 @dataclass
 class TaskSetup:
@@ -250,28 +243,18 @@ def _spectrum(model: torch.nn.Module, targets: list[str] | str, r: int) -> dict 
     return None
 
 
-def _prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool) -> Path | None:
-    run_dir = config.run_dir
-    result = run_dir / "result.json"
-    checkpoint = last_complete_checkpoint(run_dir / CHECKPOINT_SUBDIR)
-    if overwrite and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-        checkpoint = None
-    elif result.is_file() and not resume:
-        raise RunDirError(f"{run_dir} already holds a finished run; pass --overwrite or another --output-dir.")
-    elif checkpoint is not None and not resume:
-        raise RunDirError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it or --overwrite.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result.unlink(missing_ok=True)
-    return checkpoint if resume else None
-
-
 # ----------------------------------------------------------------------------------------------- the run
 def run_experiment(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Train and evaluate one (task, method, seed); returns the ``result.json`` content."""
-    checkpoint = _prepare_run_dir(config, resume, overwrite)
+    """Train and evaluate one (task, method, seed); returns the ``result.json`` content.
+
+    What may happen to an existing run directory (and how ``overwrite`` keeps the old run until the new one has
+    finished) is decided in :mod:`.rundir`.
+    """
+    with open_run_dir(config.run_dir, resume=resume, overwrite=overwrite) as checkpoint:
+        return _train_and_evaluate(config, checkpoint)
+
+
+def _train_and_evaluate(config: RunConfig, checkpoint: Path | None) -> dict[str, Any]:
     run_dir = config.run_dir
     set_seed(config.seed)
     holder: dict[str, Any] = {}

@@ -1,0 +1,144 @@
+"""Run directories: what may be written into, resumed or replaced, and how ``--overwrite`` keeps the old run safe.
+
+A run directory is recognised by its marker file ``kasa_run.json``, written before anything else goes into the
+directory (runs from before the marker existed are recognised by their ``config.json``). The rules:
+
+* a missing or empty directory becomes a new run;
+* a non-empty directory that is not a run is never written into, deleted or replaced;
+* a finished run (``result.json``) or one with complete checkpoints is only reused with ``resume`` and only replaced
+  with ``overwrite``;
+* ``overwrite`` moves the old run aside to the sibling ``.<name>.replaced`` (one rename, same file system) and
+  builds the new run in place. If the new run fails for any reason (a bad ``--target-modules``, bad data, Ctrl-C),
+  the partial new run is deleted and the old run is moved back; only when the new run has finished is the old one
+  deleted. If the process is killed in between, the old run is still in ``.<name>.replaced`` and the next
+  invocation says so instead of starting.
+
+Only the main process (``RANK`` 0 or unset) changes the file system; other ranks of a distributed run only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kasa_peft.checkpoint import atomic_write_text
+
+RUN_MARKER = "kasa_run.json"
+RUN_MARKER_CONTENT = {"kind": "kasa-peft run directory", "schema": 1}
+RESULT_FILE = "result.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+REPLACED_SUFFIX = ".replaced"
+
+
+class RunDirError(ValueError):
+    """The run directory is in a state that the requested action would damage; nothing was changed."""
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True if ``path`` is a directory written by ``kasa train`` (marker file, or a pre-marker ``config.json``)."""
+    path = Path(path)
+    marker = _read_json(path / RUN_MARKER)
+    if isinstance(marker, dict) and marker.get("kind") == RUN_MARKER_CONTENT["kind"]:
+        return True
+    legacy = _read_json(path / "config.json")
+    return isinstance(legacy, dict) and {"kasa_peft_version", "task", "method"} <= set(legacy)
+
+
+def replaced_path(run_dir: str | Path) -> Path:
+    """Where ``--overwrite`` keeps the old run until the new one has finished."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(f".{run_dir.name}{REPLACED_SUFFIX}")
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise :class:`RunDirError` (naming the directory and the fix) if the run may not go into ``run_dir``."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")
+    aside = replaced_path(run_dir)
+    if aside.exists():
+        raise RunDirError(
+            f"{aside} holds the previous run of {run_dir} from an interrupted --overwrite; move it back to "
+            f"{run_dir} (or delete it) and run again."
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--output-dir {run_dir} is a file, not a directory; choose another --output-dir.")
+    if not _is_nonempty_dir(run_dir):
+        return
+    if not is_run_dir(run_dir):
+        raise RunDirError(
+            f"--output-dir {run_dir} is not empty and is not a kasa run directory (no {RUN_MARKER}); nothing was "
+            "changed. Choose a new or empty --output-dir."
+        )
+    if resume or overwrite:
+        return
+    if (run_dir / RESULT_FILE).is_file():
+        raise RunDirError(f"{run_dir} already holds a finished run; pass --overwrite to replace it or another --output-dir.")
+    if last_checkpoint(run_dir) is not None:
+        raise RunDirError(
+            f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it or --overwrite to replace it."
+        )
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    from kasa_peft.trainer import last_complete_checkpoint
+
+    return last_complete_checkpoint(Path(run_dir) / CHECKPOINT_SUBDIR)
+
+
+def _start(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_MARKER).is_file():
+        atomic_write_text(run_dir / RUN_MARKER, json.dumps(RUN_MARKER_CONTENT, indent=2) + "\n")
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)  # a run dir without result.json is not a finished run
+
+
+@contextmanager
+def open_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Iterator[Path | None]:
+    """Check ``run_dir``, mark it as a run and yield the checkpoint to resume from (``None`` for a fresh start).
+
+    With ``overwrite`` an existing run is moved aside first and restored if the body raises (see the module
+    docstring); the body is the whole training run.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    main = _is_main_process()
+    aside = replaced_path(run_dir)
+    moved = False
+    if overwrite and main and _is_nonempty_dir(run_dir):
+        run_dir.rename(aside)
+        moved = True
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    try:
+        if main:
+            _start(run_dir)
+        yield checkpoint
+    except BaseException:
+        if moved:
+            shutil.rmtree(run_dir, ignore_errors=True)  # our own partial run, never anything else
+            try:
+                aside.rename(run_dir)
+            except OSError:
+                pass  # the old run stays in `aside`; check_run_dir names it on the next invocation
+        raise
+    if moved:
+        shutil.rmtree(aside)
