@@ -9,6 +9,8 @@ offline, so for QNLI both splits come from the dev file: a fixed, seeded 80/20 s
 from __future__ import annotations
 
 import csv
+import io
+import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -45,10 +47,24 @@ GLUE_TASKS = {
 }
 
 
+def _read_text(path: Path) -> str:
+    """The file as text; a binary or non-UTF-8 file is a :class:`DataError` naming the file and line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                        "is this the right file? GLUE TSVs are UTF-8") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise DataError(f"{path}:{line}: contains NUL bytes, so it is a binary file, not a TSV; is this the right file?")
+    return text
+
+
 def _rows(path: Path, header: bool) -> list[tuple[int, list[str]]]:
     # QUOTE_NONE: GLUE TSVs contain bare quotes inside sentences (RTE, SST-2); csv quoting would merge rows.
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(io.StringIO(_read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     start = 1 if header else 0
     return [(number + 1, row) for number, row in enumerate(rows) if number >= start and any(cell.strip() for cell in row)]
 
@@ -141,12 +157,23 @@ def _local(task: str, split: str, root: Path | None) -> list[dict]:
 
 
 def _from_hub(task: str, split: str) -> list[dict]:
+    """GLUE from the Hugging Face Hub (``nyu-mll/glue``): needs the optional ``datasets`` package (``kasa-peft[hub]``)
+    and, unless the split is already in the local ``datasets`` cache, internet with ``HF_HUB_OFFLINE=0``."""
+    import importlib.util
+
+    local = "pass --data-dir (or set KASA_DATA_DIR) to a local copy laid out like shared/data, or --demo-data for SST-2"
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(f"GLUE {task}: no --data-dir given, and loading GLUE from the Hub needs the optional package "
+                        f"'datasets': pip install 'kasa-peft[hub]'; or {local}")
     try:
         from datasets import load_dataset
 
         data = load_dataset("nyu-mll/glue", task, split=split)
     except Exception as error:  # noqa: BLE001 - any hub failure becomes the same one-line advice
-        raise DataError(f"GLUE {task}: no --data-dir given and the Hub is unreachable ({error.__class__.__name__}); pass --data-dir") from None
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = ("the Hub is switched off (HF_DATASETS_OFFLINE=1, the kasa default; set HF_HUB_OFFLINE=0 "
+               "where there is internet)" if offline else f"the Hub is unreachable ({error.__class__.__name__})")
+        raise DataError(f"GLUE {task} {split}: no --data-dir given and {why}; {local}") from None
     first, second = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
                      "stsb": ("sentence1", "sentence2"), "rte": ("sentence1", "sentence2"), "qnli": ("question", "sentence")}[task]
     return [{"sentence1": row[first], "sentence2": row[second] if second else None, "label": row["label"]} for row in data]
