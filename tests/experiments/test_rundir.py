@@ -142,3 +142,12 @@ def test_run_recognition(tmp_path):
     file.write_text("x")
     with pytest.raises(RunDirError, match="is a file"):
         check_run_dir(file)
+
+
+def test_other_ranks_neither_check_nor_move(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    before = _fake_finished_run(run_dir)
+    monkeypatch.setenv("RANK", "1")
+    with open_run_dir(run_dir, overwrite=True) as checkpoint:
+        assert checkpoint is None
+    assert _snapshot(run_dir) == before and not replaced_path(run_dir).exists()

@@ -13,7 +13,8 @@ directory (runs from before the marker existed are recognised by their ``config.
   deleted. If the process is killed in between, the old run is still in ``.<name>.replaced`` and the next
   invocation says so instead of starting.
 
-Only the main process (``RANK`` 0 or unset) changes the file system; other ranks of a distributed run only read.
+Only the main process (``RANK`` 0 or unset) checks and changes the directory; other ranks of a distributed run
+only create it if missing.
 """
 
 from __future__ import annotations
@@ -120,17 +121,21 @@ def open_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = Fa
     docstring); the body is the whole training run.
     """
     run_dir = Path(run_dir)
+    if not _is_main_process():
+        # Other ranks of a distributed run neither check nor move anything (rank 0 does, and would otherwise race
+        # with them); they need the directory to exist and the same checkpoint.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        yield last_checkpoint(run_dir) if resume else None
+        return
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    main = _is_main_process()
     aside = replaced_path(run_dir)
     moved = False
-    if overwrite and main and _is_nonempty_dir(run_dir):
+    if overwrite and _is_nonempty_dir(run_dir):
         run_dir.rename(aside)
         moved = True
     checkpoint = last_checkpoint(run_dir) if resume else None
     try:
-        if main:
-            _start(run_dir)
+        _start(run_dir)
         yield checkpoint
     except BaseException:
         if moved:
