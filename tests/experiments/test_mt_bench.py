@@ -212,3 +212,28 @@ def test_judge_answers_keeps_its_interface():
     metrics = judge_answers("tiny-llama", questions, ["an answer", "another answer"], str(DATA), max_new_tokens=3)
     assert set(metrics) == {"judge_rated", "judge_unrated", "judge_score"}
     assert metrics["judge_rated"] + metrics["judge_unrated"] == 2
+
+
+def test_run_mt_bench_without_judge_writes_answers_and_counts_only(tiny_chat_model, tmp_path):
+    questions = [{"question_id": 81, "category": "writing", "turns": ["write", "again"]}]
+    metrics = mb.run_mt_bench(tiny_chat_model.model, tiny_chat_model.tokenizer, questions, tmp_path, "kasa-tiny",
+                              max_new_tokens=2)
+    assert metrics == {"mt_bench_questions_answered": 1.0, "mt_bench_turns_answered": 2.0}  # no score without a judge
+    assert list(mb.read_model_answers(tmp_path / "model_answer" / "kasa-tiny.jsonl")) == [81]
+
+
+@needs_data
+@pytest.mark.slow
+def test_run_mt_bench_with_a_local_judge_writes_judgments(tiny_chat_model, tmp_path):
+    from kasa_peft.experiments.tasks.instruction import load_mt_bench_questions
+
+    questions = [q for q in load_mt_bench_questions(DATA) if q["question_id"] in (81, 111)]
+    metrics = mb.run_mt_bench(tiny_chat_model.model, tiny_chat_model.tokenizer, questions, tmp_path, "kasa-tiny",
+                              judge_model="tiny-llama", data_dir=DATA, max_new_tokens=2, judge_max_new_tokens=3)
+    assert metrics["judge_rated"] + metrics["judge_unrated"] == 4  # 2 questions × 2 turns
+    lines = (tmp_path / "model_judgment" / "tiny-llama_single.jsonl").read_text(encoding="utf-8").splitlines()
+    judged = [json.loads(line) for line in lines]
+    assert sorted((r["question_id"], r["turn"], r["judge"][1]) for r in judged) == [
+        (81, 1, "single-v1"), (81, 2, "single-v1-multi-turn"), (111, 1, "single-math-v1"), (111, 2, "single-math-v1-multi-turn")]
+    # FastChat's file convention: the parsed rating, or -1 where the judgment has none
+    assert all(r["score"] == (mb.parse_rating(r["judgment"]) if mb.parse_rating(r["judgment"]) is not None else -1) for r in judged)

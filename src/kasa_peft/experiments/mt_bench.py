@@ -346,3 +346,28 @@ def run_local_judge(judge_model: str, questions: Sequence[dict], answers: dict[i
     records = judge_with_local_model(judge.model, judge.tokenizer, requests, judge_model, model_id,
                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
     return records, summarize_judgments(records)
+
+
+def run_mt_bench(model, tokenizer, questions: Sequence[dict], out_dir: str | Path, model_id: str,
+                 judge_model: str | None = None, data_dir=None, max_new_tokens: int = MAX_NEW_TOKENS,
+                 batch_size: int = 8, seed: int = 0, judge_max_new_tokens: int = JUDGE_MAX_NEW_TOKENS,
+                 render: Callable[[Messages], str] | None = None) -> dict[str, float]:
+    """Answer both turns, write ``out_dir/model_answer/<model_id>.jsonl``; with ``judge_model`` also grade them.
+
+    Without a judge the metrics are counts only: nothing here is an MT-Bench score until a judge has rated it.
+    With one, ``out_dir/model_judgment/<judge>_single.jsonl`` holds FastChat judgment records and the metrics add
+    ``mt_bench_score`` (both turns), ``mt_bench_turn1``/``mt_bench_turn2`` and the rated/unrated counts.
+    """
+    out_dir = Path(out_dir)
+    answers = answer_questions(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               seed=seed, render=render)
+    write_model_answers(out_dir / "model_answer" / f"{model_id}.jsonl", questions, answers, model_id)
+    metrics = {"mt_bench_questions_answered": float(len(questions)),
+               "mt_bench_turns_answered": float(sum(len(turns) for turns in answers))}
+    if judge_model:
+        by_id = {question["question_id"]: turns for question, turns in zip(questions, answers)}
+        records, summary = run_local_judge(judge_model, questions, by_id, data_dir, model_id,
+                                           max_new_tokens=judge_max_new_tokens)
+        write_judgments(out_dir / "model_judgment" / f"{Path(judge_model).name}_single.jsonl", records)
+        metrics.update(summary)
+    return metrics
