@@ -255,10 +255,7 @@ def data_e2e_lora_format(
     """E2E CSV → the LoRA repository's pre-tokenised MR||reference lines (devset.csv gives LoRA's valid.txt)."""
     from .tasks.e2e_lora_format import write_lora_format
 
-    try:
-        count = write_lora_format(csv_file, out_file)
-    except _USER_ERRORS as error:
-        _fail(error)
+    count = write_lora_format(csv_file, out_file)
     console.print(f"{count} lines written to {out_file}")
 
 
