@@ -203,3 +203,18 @@ def test_truncated_adapter_error_names_the_file(trained_run, tmp_path, command):
     copy, weights = _with_truncated_adapter(trained_run, tmp_path)
     args = ["eval", str(copy)] if command == "eval" else ["merge", str(copy / "adapter"), str(tmp_path / "merged")]
     assert str(weights) in _one_error_line(runner.invoke(app, args))
+
+
+def test_an_unexpected_error_is_one_line_with_exit_code_1_and_the_debug_hint(monkeypatch):
+    from kasa_peft.experiments import runconfig
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(runconfig, "build_config", broken)
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "RuntimeError: something inside broke second line" in line and "--debug" in line
+    debug = runner.invoke(app, ["--debug", "train"])
+    assert isinstance(debug.exception, RuntimeError)

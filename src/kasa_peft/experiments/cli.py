@@ -32,7 +32,7 @@ _USER_ERROR_NAMES = {"SafetensorError", "YAMLError"}
 _debug = {"enabled": False}
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | str) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines) or type(error).__name__
 
@@ -42,7 +42,7 @@ def _is_a(error: BaseException, class_name: str) -> bool:
 
 
 def is_user_error(error: BaseException) -> bool:
-    return isinstance(error, _USER_ERRORS) or any(cls.__name__ in _USER_ERROR_NAMES for cls in type(error).__mro__)
+    return isinstance(error, _USER_ERRORS) or any(_is_a(error, name) for name in _USER_ERROR_NAMES)
 
 
 class OneLineErrors(TyperGroup):
