@@ -218,3 +218,14 @@ def test_an_unexpected_error_is_one_line_with_exit_code_1_and_the_debug_hint(mon
     assert "RuntimeError: something inside broke second line" in line and "--debug" in line
     debug = runner.invoke(app, ["--debug", "train"])
     assert isinstance(debug.exception, RuntimeError)
+
+
+def test_values_are_validated_on_assignment_too(tmp_path):
+    from kasa_peft.experiments.runconfig import RunConfig
+
+    config = RunConfig(task="sst2", model="tiny-bert", output_dir="rel/run", target_modules="query,value")
+    assert Path(config.output_dir).is_absolute() and config.target_modules == ["query", "value"]
+    with pytest.raises(ConfigError, match="eval_limit = 0: must be greater than or equal to 1"):
+        config.eval_limit = 0  # `kasa eval --eval-limit 0` used to mean "everything"
+    config.data_dir = "some/where"
+    assert config.data_dir == str(Path("some/where").resolve())

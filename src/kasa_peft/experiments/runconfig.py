@@ -1,7 +1,7 @@
 """``RunConfig``: one training run, from a YAML/JSON file and/or command-line flags.
 
-Every field is validated and coerced by its annotation (pydantic, lax mode) whenever a ``RunConfig`` is built — from
-a file, from flags, by ``dataclasses.replace`` or directly — so ``learning_rate: 1e-3`` in YAML (a string to PyYAML)
+Every field is validated and coerced by its annotation (pydantic, lax mode) whenever it is set — when a ``RunConfig``
+is built from a file, from flags, by ``dataclasses.replace`` or directly, and on later assignment — so ``learning_rate: 1e-3`` in YAML (a string to PyYAML)
 becomes a float, and ``batch_size: 0`` is refused naming the key. Ranges live in the annotations (``AtLeastOne``,
 ``PositiveFloat``, ...), so a new field with a plain type is type-checked without any extra code.
 """
@@ -78,26 +78,24 @@ class RunConfig:
     max_new_tokens: AtLeastOne = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
 
-    def __post_init__(self) -> None:
-        for name, adapter in _field_validators(type(self)).items():
-            value = getattr(self, name)
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every assignment is validated — in __init__ (so also from_dict and dataclasses.replace) and afterwards
+        # (`config.eval_limit = 0` is refused too, not read as "no limit").
+        adapter = _field_validators(type(self)).get(name)
+        if adapter is not None:
             try:
-                setattr(self, name, adapter.validate_python(value))
+                value = _normalized(name, adapter.validate_python(value))
             except ValidationError as error:
                 raise ConfigError(name, value, _reason(error)) from None
+        object.__setattr__(self, name, value)
+
+    def __post_init__(self) -> None:
         from .methods import METHODS  # torch + transformers: only once the plain values are valid
 
         if self.method not in METHODS:
             raise ConfigError("method", self.method, f"Unknown method; choose from {', '.join(METHODS)}")
         if self.task not in TASK_FAMILIES:
             raise ConfigError("task", self.task, f"Unknown task; choose from {', '.join(TASK_FAMILIES)}")
-        if isinstance(self.target_modules, str) and "," in self.target_modules:
-            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
-        # Absolute paths, so that `kasa eval RUN` works from any working directory.
-        self.output_dir = _absolute(self.output_dir)
-        self.data_dir = _absolute(self.data_dir)
-        if self.model not in (*PACKAGED_MODELS, *TINY_MODELS) and Path(self.model).expanduser().exists():
-            self.model = _absolute(self.model)
 
     @property
     def beams(self) -> int:
@@ -161,6 +159,18 @@ def _reason(error: ValidationError) -> str:
 
 def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path else path
+
+
+def _normalized(name: str, value: Any) -> Any:
+    """One canonical form per value: absolute paths (so `kasa eval RUN` works from any working directory) and
+    comma-separated target modules as a list."""
+    if name in ("output_dir", "data_dir"):
+        return _absolute(value)
+    if name == "model" and value not in (*PACKAGED_MODELS, *TINY_MODELS) and Path(value).expanduser().exists():
+        return _absolute(value)
+    if name == "target_modules" and isinstance(value, str) and "," in value:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 def flag_name(key: str) -> str:
