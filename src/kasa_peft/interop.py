@@ -13,6 +13,7 @@ offers two formats:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -60,6 +61,23 @@ def _peft_tensor_key(path: Path, key: str) -> str:
     )
 
 
+def _kasa_config_from_peft(lora):
+    """The KasaConfig computing what PEFT computes with ``lora``; ValueError for anything we do not implement."""
+    from .config import config_from_peft_lora
+
+    if lora.modules_to_save:
+        raise ValueError("importing PEFT modules_to_save is not supported; re-save the adapter without them.")
+    if lora.kasa_config is None:
+        return config_from_peft_lora(lora)
+    kasa = lora.kasa_config
+    beta = kasa["beta"] if isinstance(kasa, dict) else kasa.beta
+    gamma = kasa["gamma"] if isinstance(kasa, dict) else kasa.gamma
+    # Same translation as a plain LoRA config, then switched to KaSA with PEFT's β and γ.
+    plain = copy.copy(lora)
+    plain.kasa_config = None
+    return dataclasses.replace(config_from_peft_lora(plain), adapter_type="kasa", truncate=True, beta=beta, gamma=gamma)
+
+
 def load_peft_kasa_adapter(kasa_model: "KasaModel", path: str | Path, adapter_name: str = "default", is_trainable: bool = False) -> None:
     """Add a PEFT KaSA (or plain LoRA) checkpoint at ``path`` to ``kasa_model`` as ``adapter_name``.
 
@@ -67,29 +85,23 @@ def load_peft_kasa_adapter(kasa_model: "KasaModel", path: str | Path, adapter_na
     file must be one the adapter uses, and every tensor the adapter needs must be in the file: an unknown tensor
     (a LoRA bias, DoRA magnitudes, …) is an error, not silently dropped. All checks run before the model changes.
     """
-    from .config import config_from_peft_lora
     from .targeting import find_target_modules
 
     path = Path(path)
     lora = _read_peft_config(path)
-    if lora.modules_to_save:
-        raise ValueError(f"{path}: importing PEFT modules_to_save is not supported; re-save the adapter without them.")
-    if lora.kasa_config is not None:
-        kasa = lora.kasa_config
-        beta = kasa["beta"] if isinstance(kasa, dict) else kasa.beta
-        gamma = kasa["gamma"] if isinstance(kasa, dict) else kasa.gamma
-        lora.kasa_config = None
-        # Same translation as a plain LoRA config, then switched to KaSA with PEFT's β and γ.
-        config = dataclasses.replace(config_from_peft_lora(lora), adapter_type="kasa", truncate=True, beta=beta, gamma=gamma)
-    else:
-        config = config_from_peft_lora(lora)
+    try:
+        config = _kasa_config_from_peft(lora)
+    except ValueError as error:
+        raise checkpoint.AdapterFileError(f"{path / PEFT_CONFIG_NAME}: {error}") from None
     tensors, _ = checkpoint.load_tensors(path / PEFT_WEIGHTS_NAME)
     renamed = {_peft_tensor_key(path, key): value for key, value in tensors.items()}
+    original_keys = {_peft_tensor_key(path, key): key for key in tensors}
     kinds = ("lora_A", "lora_B", "sigma") if config.adapter_type == "kasa" else ("lora_A", "lora_B")
     targets = find_target_modules(kasa_model.base_model, config)
     expected = {f"{target}.{kind}" for target in targets for kind in kinds}
     if set(renamed) != expected:
-        extra, missing = sorted(set(renamed) - expected), sorted(expected - set(renamed))
+        extra = sorted(original_keys[key] for key in set(renamed) - expected)
+        missing = sorted(expected - set(renamed))
         raise ValueError(
             f"{path / PEFT_WEIGHTS_NAME} does not fit this model: tensors for modules its target_modules do not match "
             f"here: {extra[:6]}; tensors missing: {missing[:6]}. Load it onto the base model it was trained on."
