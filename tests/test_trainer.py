@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ def test_gradient_accumulation_gives_the_regulariser_the_task_losss_normalisatio
         torch.testing.assert_close(got[name].detach(), value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_checkpoints_and_resume_give_the_same_adapter(tmp_path):
+def test_checkpoints_and_resume_give_the_same_adapter(tmp_path, monkeypatch):
     def run(output_dir, max_steps, resume=None):
         torch.manual_seed(0)
         model = _model(LLAMA, beta=1e-3)
@@ -174,7 +175,20 @@ def test_checkpoints_and_resume_give_the_same_adapter(tmp_path):
     run(partial_dir, 2)
     checkpoint = partial_dir / "checkpoint-2"
     assert (checkpoint / "kasa_config.json").is_file() and (checkpoint / "kasa_adapter.safetensors").is_file()
+    # The only pickled files are the Trainer's own optimizer/scheduler/RNG states (README: Trainer checkpoints).
+    pickled = {p.name for p in checkpoint.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".pkl")}
+    assert pickled == {"optimizer.pt", "scheduler.pt", "rng_state.pth"}, pickled
+    loads = []
+    real_load = torch.load
+
+    def recording_load(f, *args, **kwargs):
+        loads.append((Path(f).name, kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
     resumed = run(partial_dir, 4, resume=str(checkpoint))
+    # transformers reads each of them back with torch.load(..., weights_only=True): no arbitrary unpickling.
+    assert {name for name, _ in loads} == pickled and all(weights_only is True for _, weights_only in loads), loads
     for (path, a), (_, b) in zip(full.kasa_layers(), resumed.kasa_layers()):
         for name in ("lora_A", "lora_B", "sigma"):
             torch.testing.assert_close(getattr(a.kasa_adapters["default"], name), getattr(b.kasa_adapters["default"], name))
