@@ -2,7 +2,8 @@
 
 The frozen base weight ``W`` is never written to (except by an explicit ``merge``). KaSA's truncation is applied as a
 rank-r correction in the forward pass instead, so one layer can carry several adapters — KaSA with different ranks,
-plain LoRA — and disabling them gives the original layer bit for bit::
+plain LoRA — and disabling unmerged adapters gives the original layer bit for bit (after a merge, disabling unmerges,
+which restores the weight up to the round-off of its dtype)::
 
     y = base(x) − minor_u_sigma · (minor_vh · x) + (α/r) · B · (σ ⊙ (A · dropout(x)))
       = (W − U_r Σ_r V_rᵀ) x + ΔW x,        ΔW = (α/r) · B · diag(σ) · A
@@ -175,28 +176,37 @@ class KasaLayer(nn.Module):
             result = result + self.kasa_adapters[name](x).to(result.dtype)
         return result
 
-    def _apply_delta(self, delta: torch.Tensor, sign: float) -> None:
+    def _shifted_weight(self, delta: torch.Tensor, sign: float) -> torch.Tensor:
+        """``W + sign·delta`` in the weight's own layout and dtype, rounded once from a float32 (or wider) sum."""
         weight = self.base_layer.weight
         if isinstance(self.base_layer, Conv1D):
             delta = delta.T
         # Accumulate in float32 at least, so bf16 bases round once, not per term.
         accum = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.data.to(accum) + sign * delta.to(device=weight.device, dtype=accum)).to(weight.dtype)
+
+    def _write_weight(self, value: torch.Tensor) -> None:
         # copy_ (not rebinding .data) keeps tied or shared weights tied.
-        weight.data.copy_(weight.data.to(accum) + sign * delta.to(device=weight.device, dtype=accum))
+        self.base_layer.weight.data.copy_(value)
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold ``ΔW − W_minor`` of each named (default: active) adapter into the base weight."""
+        """Fold ``ΔW − W_minor`` of each named (default: active) adapter into the base weight.
+
+        ``safe_merge`` checks the merged weight *in the weight's dtype* before writing it: a float32 sum can be
+        finite and still overflow to Inf once rounded to float16.
+        """
         for name in names if names is not None else list(self.active_adapters):
             if name in self.merged_adapters:
                 warnings.warn(f"Adapter {name!r} is already merged; skipping.", stacklevel=3)
                 continue
-            delta = self.kasa_adapters[name].delta_weight()
-            if safe_merge:
-                candidate = weight_matrix(self.base_layer).to(delta.dtype) + delta
-                if not torch.isfinite(candidate).all():
-                    raise ValueError(f"NaNs or Infs detected while merging adapter {name!r}; the weight was not changed.")
-            self._apply_delta(delta, +1.0)
+            merged = self._shifted_weight(self.kasa_adapters[name].delta_weight(), +1.0)
+            if safe_merge and not bool(torch.isfinite(merged).all()):
+                raise ValueError(
+                    f"NaNs or Infs detected while merging adapter {name!r} into a {self.base_layer.weight.dtype} "
+                    "weight; the weight was not changed."
+                )
+            self._write_weight(merged)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -205,7 +215,7 @@ class KasaLayer(nn.Module):
         for name in list(reversed(self.merged_adapters)) if names is None else names:
             if name not in self.merged_adapters:
                 continue
-            self._apply_delta(self.kasa_adapters[name].delta_weight(), -1.0)
+            self._write_weight(self._shifted_weight(self.kasa_adapters[name].delta_weight(), -1.0))
             self.merged_adapters.remove(name)
 
 

@@ -38,7 +38,9 @@ class KasaModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, KasaConfig] = {}
         self.active_adapter: str | None = None
-        self._trainable = True
+        # Adapters loaded with is_trainable=False: they stay frozen when active. Per adapter, as in PEFT, so loading
+        # one for inference does not freeze the one being trained or any added later.
+        self._inference_adapters: set[str] = set()
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -183,23 +185,26 @@ class KasaModel(nn.Module):
             if adapter_name in wrapper.copies:
                 del wrapper.copies[adapter_name]
         del self.peft_config[adapter_name]
+        self._inference_adapters.discard(adapter_name)
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
         self._refresh_state()
 
     def _refresh_state(self) -> None:
-        """Push the active adapter into every wrapper and make exactly its tensors trainable."""
+        """Push the active adapter into every wrapper and make exactly its tensors trainable (unless it was loaded
+        for inference)."""
         active = self.active_adapter
+        trainable = active is not None and active not in self._inference_adapters
         for param in self.base_model.parameters():
             param.requires_grad_(False)
         for _, layer in self.kasa_layers():
             layer.active_adapters = [active] if active in layer.kasa_adapters else []
-            if self._trainable and active in layer.kasa_adapters:
+            if trainable and active in layer.kasa_adapters:
                 for param in layer.kasa_adapters[active].parameters():
                     param.requires_grad_(True)
         for _, wrapper in self._wrappers():
             wrapper.active_adapter = active
-            if self._trainable and active in wrapper.copies:
+            if trainable and active in wrapper.copies:
                 for param in wrapper.copies[active].parameters():
                     param.requires_grad_(True)
 
@@ -209,7 +214,11 @@ class KasaModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Context manager: inside it the model computes exactly what the original model computes."""
+        """Context manager: inside it the model computes what the original model computes.
+
+        Bit for bit while no adapter is merged; merged adapters are unmerged first, which restores the base weights
+        up to the round-off of their dtype.
+        """
         touched = []
         for _, module in [*self.kasa_layers(), *self._wrappers()]:
             touched.append((module, module.adapters_disabled))
@@ -246,6 +255,7 @@ class KasaModel(nn.Module):
             parent, child = get_submodule_parent(model, name)
             setattr(parent, child, keep)
         self.peft_config.clear()
+        self._inference_adapters.clear()
         self.active_adapter = None
         return model
 
@@ -367,7 +377,15 @@ class KasaModel(nn.Module):
             self._check_fingerprints(path, targets, checkpoint.decode_fingerprints(metadata))
         self._inject(adapter_name, config, init="meta" if low_cpu_mem_usage else "empty")
         self._load_adapter_tensors(adapter_name, tensors, assign=low_cpu_mem_usage, source=path)
-        self._trainable = is_trainable
+        self.set_adapter_trainable(adapter_name, is_trainable)
+
+    def set_adapter_trainable(self, adapter_name: str, trainable: bool) -> None:
+        """Whether ``adapter_name``'s tensors require grad while it is active (False: loaded for inference)."""
+        self._require_adapter(adapter_name)
+        if trainable:
+            self._inference_adapters.discard(adapter_name)
+        else:
+            self._inference_adapters.add(adapter_name)
         self._refresh_state()
 
     def _check_fingerprints(self, path: Path, targets: list[str], saved: dict[str, torch.Tensor]) -> None:

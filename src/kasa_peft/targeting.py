@@ -50,7 +50,9 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
     and its type, so that a bad config fails before any weight is read or changed.
     """
     candidates = [(name, module) for name, module in model.named_modules() if name and not _is_wrapper_internal(name)]
-    protected = set(config.modules_to_save or [])
+    # A module inside a modules_to_save module is trained in full and copied per adapter; an adapter on it as well
+    # would exist twice (original and copy), count twice in the regulariser, and not save.
+    saved = find_modules_to_save(model, config.modules_to_save)
     if config.target_modules == "all-linear":
         excluded = _output_layer_names(model)
         matched = [
@@ -58,7 +60,7 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
             for name, module in candidates
             if _is_linear_like(module)
             and name not in excluded
-            and not name_matches(name, list(protected))
+            and _enclosing(name, saved) is None
             and not any(part in _HEAD_NAMES for part in name.split("."))
         ]
     else:
@@ -66,6 +68,14 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
     matched = [(name, module) for name, module in matched if not name_matches(name, config.exclude_modules)]
     # A ModulesToSaveWrapper is matched by its own path; its internals were filtered out above.
     matched = [(name, module) for name, module in matched if not isinstance(module, ModulesToSaveWrapper)]
+    for name, _ in matched:
+        enclosing = _enclosing(name, saved)
+        if enclosing is not None:
+            raise ValueError(
+                f"target_modules matched {name!r}, which lies inside the modules_to_save module {enclosing!r} "
+                "(trained in full, so it cannot also get an adapter). Add it to exclude_modules, or drop "
+                f"{enclosing!r} from modules_to_save."
+            )
     if not matched:
         examples = [name for name, module in candidates if _is_linear_like(module)][:12]
         raise ValueError(
@@ -83,6 +93,11 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
     return [name for name, _ in matched]
 
 
+def _enclosing(name: str, paths: list[str]) -> str | None:
+    """The path in ``paths`` that is ``name`` or one of its ancestors, else None."""
+    return next((path for path in paths if name == path or name.startswith(path + ".")), None)
+
+
 def find_modules_to_save(model: nn.Module, patterns: Iterable[str] | None) -> list[str]:
     """Paths of modules matching ``modules_to_save`` (outermost matches only); error if a pattern matches nothing."""
     if not patterns:
@@ -97,6 +112,13 @@ def find_modules_to_save(model: nn.Module, patterns: Iterable[str] | None) -> li
     missing = [p for p in patterns if not any(name_matches(n, [p]) for n in found)]
     if missing:
         raise ValueError(f"modules_to_save entries {missing} match no module of {type(model).__name__}.")
+    for name in found:
+        adapted = [sub for sub, module in model.get_submodule(name).named_modules() if isinstance(module, KasaLayer)]
+        if adapted:
+            raise ValueError(
+                f"modules_to_save entry {name!r} contains layers that already carry adapters ({name}.{adapted[0]}); "
+                "a module cannot be both trained in full and adapted. Drop it from modules_to_save."
+            )
     return found
 
 
