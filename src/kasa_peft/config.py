@@ -57,9 +57,13 @@ class KasaConfig:
             "replicating their numbers."
         },
     )
-    truncation_method: Literal["gram_eigh", "svd"] = field(
+    truncation_method: Literal["gram_eigh", "svd", "krylov"] = field(
         default="gram_eigh",
-        metadata={"help": "How to find the minor components: 'gram_eigh' (float64 Gram + eigh, fast) or 'svd' (float64 full SVD, reference)."},
+        metadata={
+            "help": "How to find the minor components: 'gram_eigh' (float64 Gram + eigh, fast), 'svd' (float64 full "
+            "SVD, reference) or 'krylov' (float64 Gram + certified iterative solver for the r smallest eigenpairs; "
+            "matrices it cannot certify are recomputed by gram_eigh and logged)."
+        },
     )
     truncate: bool = field(
         default=True, metadata={"help": "Drop the r minor components from the base (False = ablation without truncation)."}

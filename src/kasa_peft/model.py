@@ -127,12 +127,8 @@ class KasaModel(nn.Module):
                             "computed. Load real weights first, or load a saved adapter with KasaModel.from_pretrained "
                             "(it needs no SVD)."
                         )
-                    if not torch.isfinite(weight).all():
-                        raise ValueError(
-                            f"Module {name!r} has NaN/Inf weights; KaSA's truncation needs finite weights. "
-                            "Check the checkpoint you loaded."
-                        )
-                minors = truncate_many(weights, config.r, config.truncation_method)
+                # truncate_many checks finiteness (one fused reduction per batch) and names the module.
+                minors = truncate_many(weights, config.r, config.truncation_method, names=list(base_layers))
         for index, (name, layer) in enumerate(layers.items()):
             base = base_layers[name]
             out_features, in_features = layer_shape(base)
