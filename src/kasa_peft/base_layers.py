@@ -149,17 +149,51 @@ def _dequantize_4bit(layer: nn.Module) -> torch.Tensor:
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:  # not quantised yet (bitsandbytes quantises when the layer is moved to a device)
         return weight.data
-    return bnb_functional.dequantize_4bit(weight.data, quant_state)
+    codes = weight.data
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        codes, quant_state = _unpack_cpu_layout(codes, quant_state)
+    return bnb_functional.dequantize_4bit(codes, quant_state)
+
+
+def _unpack_cpu_layout(codes: torch.Tensor, quant_state):
+    """Undo bitsandbytes' CPU inference layout (set by the first no-grad forward) on copies; the layer is untouched.
+
+    That layout stores the per-block scales as a (blocks × out) bfloat16 matrix, with double quantisation already
+    undone; the weight the layer computes with is ``code × that scale``, so we dequantise with exactly those scales
+    (bitsandbytes' own inverse would re-quantise them, a second rounding the layer never applies).
+    """
+    import copy
+
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError as error:  # a private helper; name the version we need rather than fail obscurely
+        raise ImportError(
+            "This bitsandbytes version packs 4-bit CPU weights in a layout kasa_peft cannot read; use "
+            "bitsandbytes 0.48-0.50, or run one forward with gradients enabled before adding the adapter."
+        ) from error
+    state = copy.copy(quant_state)  # shallow: the inverse only rebinds attributes of the state it is given
+    state.original_nested = False  # keep the bf16 scales as they are (see above)
+    unpacked, state = _convert_weight_packed_for_cpu_inverse(codes, state)
+    state.absmax = quant_state.absmax.T.reshape(-1).float()
+    state.nested = False
+    return unpacked, state
 
 
 def _dequantize_8bit(layer: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnb_functional
 
     weight = layer.weight
-    scales = getattr(weight, "SCB", None)
-    if scales is None:  # has_fp16_weights=True, or not quantised yet: the stored weight is dense
+    if weight.dtype != torch.int8:  # has_fp16_weights=True, or not quantised yet: the stored weight is dense
         return weight.data
-    return bnb_functional.int8_vectorwise_dequant(weight.CB if weight.CB is not None else weight.data, scales)
+    # The int8 codes are the weight's data; the per-row scales sit on the parameter until the first forward, which
+    # moves them to the layer's MatmulLtState.
+    state = getattr(layer, "state", None)
+    scales = getattr(weight, "SCB", None)
+    if scales is None and state is not None:
+        scales = state.SCB
+    if scales is None:
+        raise ValueError(f"Cannot dequantise {type(layer).__name__}: its int8 weight has no row scales (SCB).")
+    return bnb_functional.int8_vectorwise_dequant(weight.data, scales)
 
 
 def _stored_weight_matrix(layer: nn.Module) -> torch.Tensor:
