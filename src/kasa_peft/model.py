@@ -29,6 +29,10 @@ class KasaModel(nn.Module):
     Create with :func:`get_kasa_model` or :meth:`KasaModel.from_pretrained`.
     """
 
+    # transformers.Trainer refuses to train a quantised model unless adapters are attached, which it detects by this
+    # flag (set by its own PEFT integration); a KasaModel always carries its adapters.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: KasaConfig | Any | None, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = model
