@@ -283,10 +283,12 @@ class KasaModel(nn.Module):
         if config.adapter_type != "kasa" or not adapters:
             device = adapters[0].lora_A.device if adapters else None
             return torch.zeros((), device=device)
+        from .fsdp import whole  # FSDP2 keeps parameters sharded outside forward
+
         return kasa_regularization(
-            [a.lora_A for a in adapters],
-            [a.lora_B for a in adapters],
-            [a.sigma for a in adapters],
+            [whole(a.lora_A) for a in adapters],
+            [whole(a.lora_B) for a in adapters],
+            [whole(a.sigma) for a in adapters],
             beta=config.beta,
             gamma=config.gamma,
             form=config.regularization_form,
