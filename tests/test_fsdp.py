@@ -38,3 +38,19 @@ def test_fsdp2_fully_shard_trains_the_same_adapter_as_one_process(tmp_path):
     for key in single:
         torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=1e-4, msg=key)
     assert all(single[k].abs().sum() > 0 for k in single if k.endswith("lora_B"))  # it trained
+
+
+def test_accelerate_launch_runs_kasa_trainer_on_two_cpu_processes(tmp_path):
+    """The README's `accelerate launch` line (2 processes; gloo on the CPU): ranks end with the same adapter."""
+    from safetensors import safe_open
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path)]
+    completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    with safe_open(str(tmp_path / "rank0.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["world_size"] == "2"
+    rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert all(rank0[k].abs().sum() > 0 for k in rank0 if k.endswith("lora_B"))
