@@ -20,23 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .base_layers import SUPPORTED_LAYER_TYPES, can_merge_into, layer_shape, require_supported, weight_matrix
 from .spectral import MinorComponents
 
-SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-
-
-def layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or transformers Conv1D (which stores its weight as in × out)."""
-    if isinstance(layer, Conv1D):
-        in_features, out_features = layer.weight.shape
-        return out_features, in_features
-    return layer.out_features, layer.in_features
-
-
-def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as an (out × in) matrix; a transposed view for Conv1D."""
-    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
-
+__all__ = ["KasaAdapter", "KasaLayer", "ModulesToSaveWrapper", "SUPPORTED_LAYER_TYPES", "layer_shape", "weight_matrix"]
 
 class KasaAdapter(nn.Module):
     """One adapter's tensors for one layer.
@@ -127,12 +114,12 @@ class KasaAdapter(nn.Module):
 
 
 class KasaLayer(nn.Module):
-    """Wraps a frozen ``nn.Linear`` or ``Conv1D`` (``base_layer``) and adds the active adapters' outputs."""
+    """Wraps a frozen base layer (``base_layer``: Linear, Conv1D or a bitsandbytes 4/8-bit Linear, see
+    :mod:`kasa_peft.base_layers`) and adds the active adapters' outputs."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, SUPPORTED_LAYER_TYPES):
-            raise TypeError(f"KasaLayer wraps nn.Linear or transformers Conv1D, not {type(base_layer).__name__}.")
+        require_supported(base_layer, type(base_layer).__name__)
         self.base_layer = base_layer
         self.kasa_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
@@ -197,6 +184,12 @@ class KasaLayer(nn.Module):
         finite and still overflow to Inf once rounded to float16.
         """
         for name in names if names is not None else list(self.active_adapters):
+            if not can_merge_into(self.base_layer):
+                raise ValueError(
+                    f"Cannot merge adapter {name!r} into a quantised {type(self.base_layer).__name__}: that would "
+                    "requantise the base and silently lose the update. Use merge_and_unload(dtype=torch.bfloat16) "
+                    "for a dequantised merged model, or keep the adapter unmerged (or export it as LoRA)."
+                )
             if name in self.merged_adapters:
                 warnings.warn(f"Adapter {name!r} is already merged; skipping.", stacklevel=3)
                 continue

@@ -13,18 +13,14 @@ from torch import nn
 
 from . import checkpoint
 from .config import CONFIG_NAME, KasaConfig, config_from_peft_lora
-from .layer import KasaAdapter, KasaLayer, ModulesToSaveWrapper, layer_shape, weight_matrix
+from . import base_layers
+from .layer import KasaAdapter, KasaLayer, ModulesToSaveWrapper, layer_shape
 from .regularization import kasa_regularization
-from .spectral import check_truncation_rank, truncate_many
+from .spectral import check_truncation_rank
 from .targeting import find_modules_to_save, find_target_modules, get_submodule_parent
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "sigma", "minor_u_sigma", "minor_vh")
 _MODULES_TO_SAVE_PREFIX = "modules_to_save."
-
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Adapters train in float32 on half-precision bases (as PEFT does by default); float64 bases keep float64.
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 class KasaModel(nn.Module):
@@ -32,6 +28,10 @@ class KasaModel(nn.Module):
 
     Create with :func:`get_kasa_model` or :meth:`KasaModel.from_pretrained`.
     """
+
+    # transformers.Trainer refuses to train a quantised model unless adapters are attached, which it detects by this
+    # flag (set by its own PEFT integration); a KasaModel always carries its adapters.
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, config: KasaConfig | Any | None, adapter_name: str = "default") -> None:
         super().__init__()
@@ -112,25 +112,17 @@ class KasaModel(nn.Module):
         targets = find_target_modules(model, config)
         save_targets = find_modules_to_save(model, config.modules_to_save)
         layers = {name: model.get_submodule(name) for name in targets}
-        base_layers = {name: (m.base_layer if isinstance(m, KasaLayer) else m) for name, m in layers.items()}
+        bases = {name: (m.base_layer if isinstance(m, KasaLayer) else m) for name, m in layers.items()}
         # Every check runs before any module is replaced or any weight read into a truncation.
         minors = None
         if config.uses_truncation:
-            for name, base in base_layers.items():
+            for name, base in bases.items():
                 check_truncation_rank(config.r, layer_shape(base), name=f"module {name!r}")
             if init == "compute":
-                weights = [weight_matrix(base) for base in base_layers.values()]
-                for name, weight in zip(base_layers, weights):
-                    if weight.device.type == "meta":
-                        raise ValueError(
-                            f"Module {name!r} has its weight on the meta device, so its truncation cannot be "
-                            "computed. Load real weights first, or load a saved adapter with KasaModel.from_pretrained "
-                            "(it needs no SVD)."
-                        )
-                # truncate_many checks finiteness (one fused reduction per batch) and names the module.
-                minors = truncate_many(weights, config.r, config.truncation_method, names=list(base_layers))
+                # Dequantised (bitsandbytes) or gathered (ZeRO-3) where needed; see kasa_peft.base_layers.
+                minors = base_layers.truncate_layers(bases, config.r, config.truncation_method)
         for index, (name, layer) in enumerate(layers.items()):
-            base = base_layers[name]
+            base = bases[name]
             out_features, in_features = layer_shape(base)
             adapter = KasaAdapter(
                 in_features,
@@ -140,7 +132,7 @@ class KasaModel(nn.Module):
                 config.lora_dropout,
                 use_sigma=config.adapter_type == "kasa",
                 truncate=config.uses_truncation,
-                dtype=_adapter_dtype(base.weight),
+                dtype=base_layers.default_adapter_dtype(base),
                 device="meta" if init == "meta" else base.weight.device,
             )
             if minors is not None:
@@ -236,8 +228,12 @@ class KasaModel(nn.Module):
         for _, layer in self.kasa_layers():
             layer.unmerge()
 
-    def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def _unwrap(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
         model = self.base_model
+        if merge:
+            self._dequantize_for_merge(dtype)
         for name, layer in list(self.kasa_layers()):
             if merge:
                 pending = [n for n in (adapter_names or self.active_adapters) if n in layer.kasa_adapters]
@@ -255,9 +251,28 @@ class KasaModel(nn.Module):
         self.active_adapter = None
         return model
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the active adapter (truncation included) into the weights and return the plain base model."""
-        return self._unwrap(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Merge the active adapter (truncation included) into the weights and return the plain base model.
+
+        On a quantised (bitsandbytes) base, pass ``dtype`` (e.g. ``torch.bfloat16``): each targeted layer is replaced
+        by a dense ``nn.Linear`` in that dtype holding ``dequant(W) + ΔW − W_minor``; untargeted layers stay quantised.
+        Without ``dtype`` it refuses, since merging into packed weights would be a lossy requantisation.
+        """
+        return self._unwrap(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, dtype=dtype)
+
+    def _dequantize_for_merge(self, dtype: torch.dtype | None) -> None:
+        quantised = [name for name, layer in self.kasa_layers() if base_layers.is_quantized(layer.base_layer)]
+        if quantised and dtype is None:
+            raise ValueError(
+                f"The base of {quantised[0]!r} (and {len(quantised) - 1} more) is quantised; merging would requantise "
+                "it and silently lose most of the update. Call merge_and_unload(dtype=torch.bfloat16) (or float32) "
+                "for a dequantised merged model, or serve the adapter unmerged / via export_peft_checkpoint."
+            )
+        for name, layer in self.kasa_layers():
+            if name in quantised:
+                layer.base_layer = base_layers.dequantized_linear(layer.base_layer, dtype)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original model (its weights untouched)."""
@@ -278,10 +293,12 @@ class KasaModel(nn.Module):
         if config.adapter_type != "kasa" or not adapters:
             device = adapters[0].lora_A.device if adapters else None
             return torch.zeros((), device=device)
+        from .fsdp import whole  # FSDP2 keeps parameters sharded outside forward
+
         return kasa_regularization(
-            [a.lora_A for a in adapters],
-            [a.lora_B for a in adapters],
-            [a.sigma for a in adapters],
+            [whole(a.lora_A) for a in adapters],
+            [whole(a.lora_B) for a in adapters],
+            [whole(a.sigma) for a in adapters],
             beta=config.beta,
             gamma=config.gamma,
             form=config.regularization_form,
@@ -329,7 +346,7 @@ class KasaModel(nn.Module):
             self._require_adapter(name)
             target_dir = save_directory if name == "default" else save_directory / name
             fingerprints = {
-                path: checkpoint.weight_fingerprint(layer.base_weight_matrix())
+                path: base_layers.layer_fingerprint(layer.base_layer)
                 for path, layer in self.kasa_layers()
                 if name in layer.kasa_adapters and not layer.merged_adapters
             }
@@ -390,10 +407,9 @@ class KasaModel(nn.Module):
                 continue
             module = self.base_model.get_submodule(name)
             base = module.base_layer if isinstance(module, KasaLayer) else module
-            weight = weight_matrix(base)
-            if weight.device.type == "meta":
+            if base_layers.is_on_meta(base):
                 continue
-            if not checkpoint.fingerprints_match(saved[name], checkpoint.weight_fingerprint(weight)):
+            if not checkpoint.fingerprints_match(saved[name], base_layers.layer_fingerprint(base)):
                 raise ValueError(
                     f"Checkpoint {path} was trained on a different base model: the weights of {name!r} do not match "
                     "the ones it was saved with. Load it onto its original base model (or pass "

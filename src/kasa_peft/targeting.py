@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from .config import KasaConfig
-from .layer import SUPPORTED_LAYER_TYPES, KasaLayer, ModulesToSaveWrapper
+from .base_layers import SUPPORTED_LAYER_TYPES, require_supported, unsupported_quantised_reason
+from .layer import KasaLayer, ModulesToSaveWrapper
 
 # Task heads are newly initialised and tiny (often out = num_labels): "all-linear" leaves them out, as PEFT does for
 # its task types; train them with modules_to_save instead.
@@ -40,7 +41,8 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (*SUPPORTED_LAYER_TYPES, KasaLayer))
+    # Quantised layers of other libraries count too, so that "all-linear" reports them instead of skipping them.
+    return isinstance(module, (*SUPPORTED_LAYER_TYPES, KasaLayer)) or unsupported_quantised_reason(module) is not None
 
 
 def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
@@ -83,6 +85,9 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
             f"Linear/Conv1D modules here include: {examples}. Fix target_modules (names match exactly or as a "
             f"dotted suffix; a string is a regex), or use 'all-linear'."
         )
+    for name, module in matched:
+        if unsupported_quantised_reason(module) is not None:
+            require_supported(module, name)  # raises, naming the quantised layer type
     unsupported = [(name, type(module).__name__) for name, module in matched if not _is_linear_like(module)]
     if unsupported:
         listing = ", ".join(f"{name} ({kind})" for name, kind in unsupported[:8])

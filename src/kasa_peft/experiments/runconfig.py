@@ -57,12 +57,21 @@ class RunConfig:
     num_beams: int | None = field(default=None, metadata={"help": "Beam width; default per task: E2E 10 (LoRA paper), commonsense 4 (LLM-Adapters), instruction 1."})
     max_new_tokens: int = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
+    quantize: str | None = field(default=None, metadata={"help": "Load the base with bitsandbytes: '4bit' (nf4, double quant) or '8bit'; needs kasa-peft[quant]."})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose from {', '.join(METHODS)}.")
         if self.task not in TASK_FAMILIES:
             raise ValueError(f"Unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)}.")
+        if self.quantize is not None and self.quantize not in ("4bit", "8bit"):
+            raise ValueError(f"quantize must be '4bit' or '8bit', got {self.quantize!r}.")
+        if self.quantize is not None and self.method in ("full", "peft-kasa"):
+            raise ValueError(
+                f"quantize={self.quantize!r} does not work with method {self.method!r}: "
+                + ("a quantised base cannot be fully fine-tuned." if self.method == "full" else
+                   "PEFT's KaSA silently trains plain LoRA on bitsandbytes layers; use method 'kasa'.")
+            )
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
