@@ -16,6 +16,12 @@ _FINGERPRINT_KEY = "kasa_peft.base_fingerprint"
 _FINGERPRINT_SIZE = 16
 
 
+class AdapterFileError(ValueError):
+    """An adapter file that exists but cannot be used: truncated, corrupt, invalid JSON, or non-finite tensors.
+
+    The message always names the file (and the tensor or key, where there is one)."""
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one, never a part."""
     path = Path(path)
@@ -42,15 +48,49 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, meta
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file and its metadata (safetensors cannot execute code, unlike pickle)."""
-    from safetensors import safe_open
+    """Load a safetensors file and its metadata (safetensors cannot execute code, unlike pickle).
+
+    Raises ``FileNotFoundError`` if ``path`` is missing and :class:`AdapterFileError` if it is truncated or corrupt
+    or holds a NaN/Inf: a non-finite adapter would only show up later as NaN outputs.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Adapter weights not found: {path}. Expected a directory written by save_pretrained.")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    return load_file(str(path), device=str(device)), metadata
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt. "
+            "Save the adapter again."
+        ) from None
+    check_finite(tensors, path)
+    return tensors, metadata
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise :class:`AdapterFileError` naming the first floating-point tensor that holds a NaN or an Inf."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} holds NaN/Inf values; refusing to load it (the training run that wrote it "
+                "probably diverged)."
+            )
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in ``path``; :class:`AdapterFileError` naming the file if it is not valid JSON or no object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFileError(f"{path} is not valid JSON ({error}). Save the adapter again.") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, but holds a {type(data).__name__}.")
+    return data
 
 
 def weight_fingerprint(weight_out_in: torch.Tensor) -> torch.Tensor:

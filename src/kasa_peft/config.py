@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .checkpoint import AdapterFileError, read_json_object
 from .spectral import TRUNCATION_METHODS
 
 CONFIG_NAME = "kasa_config.json"
@@ -56,9 +57,13 @@ class KasaConfig:
             "replicating their numbers."
         },
     )
-    truncation_method: Literal["gram_eigh", "svd"] = field(
+    truncation_method: Literal["gram_eigh", "svd", "krylov"] = field(
         default="gram_eigh",
-        metadata={"help": "How to find the minor components: 'gram_eigh' (float64 Gram + eigh, fast) or 'svd' (float64 full SVD, reference)."},
+        metadata={
+            "help": "How to find the minor components: 'gram_eigh' (float64 Gram + eigh, fast), 'svd' (float64 full "
+            "SVD, reference) or 'krylov' (float64 Gram + certified iterative solver for the r smallest eigenpairs; "
+            "matrices it cannot certify are recomputed by gram_eigh and logged)."
+        },
     )
     truncate: bool = field(
         default=True, metadata={"help": "Drop the r minor components from the base (False = ablation without truncation)."}
@@ -91,10 +96,11 @@ class KasaConfig:
                 "KasaConfig.target_modules is required: pass module names (e.g. ['q_proj', 'v_proj']), a regex, "
                 "or 'all-linear'."
             )
-        if isinstance(self.target_modules, (tuple, set)):
-            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(self.target_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        # JSON has lists only: sets (PEFT's own type for these fields) and tuples become lists here, so that a
+        # config that builds also saves; sets are sorted to make the file reproducible.
+        self.target_modules = _as_json_names(self.target_modules)
+        self.exclude_modules = _as_json_names(self.exclude_modules)
+        self.modules_to_save = _as_json_names(self.modules_to_save)
 
     @property
     def scaling(self) -> float:
@@ -127,9 +133,37 @@ class KasaConfig:
             path = path / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"No KaSA adapter config at {path}; expected a directory written by save_pretrained.")
-        return cls.from_dict(json.loads(path.read_text()))
+        data = read_json_object(path)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise AdapterFileError(f"{path}: invalid adapter config: {error}") from None
 
     from_pretrained = from_json_file
+
+
+def _as_json_names(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# peft.LoraConfig fields that config_from_peft_lora carries over, and those that do not change what the adapter
+# computes (bookkeeping, runtime options, options read only together with another, non-default one). Every other
+# field must keep its default, or the translation would silently compute something else than PEFT.
+_LORA_FIELDS_TRANSLATED = frozenset(
+    {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "kasa_config"}
+)
+_LORA_FIELDS_WITHOUT_EFFECT = frozenset(
+    {
+        "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+        "inference_mode", "runtime_config", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+        # PEFT's flag for Conv1D's (in × out) storage; our layers read the layer type itself.
+        "fan_in_fan_out",
+    }
+)
 
 
 def config_from_peft_lora(lora_config: Any) -> KasaConfig:
@@ -137,18 +171,13 @@ def config_from_peft_lora(lora_config: Any) -> KasaConfig:
 
     Raises ``ValueError`` for LoRA features this package does not implement, rather than silently dropping them.
     """
-    unsupported = []
-    if getattr(lora_config, "use_dora", False):
-        unsupported.append("use_dora")
-    if getattr(lora_config, "use_rslora", False):
-        unsupported.append("use_rslora")
-    if getattr(lora_config, "bias", "none") != "none":
-        unsupported.append("bias")
-    if getattr(lora_config, "rank_pattern", None) or getattr(lora_config, "alpha_pattern", None):
-        unsupported.append("rank_pattern/alpha_pattern")
-    init = getattr(lora_config, "init_lora_weights", True)
-    if init is not True:
-        unsupported.append(f"init_lora_weights={init!r}")
+    defaults = type(lora_config)()
+    unsupported = [
+        f"{f.name}={getattr(lora_config, f.name)!r}"
+        for f in dataclasses.fields(lora_config)
+        if f.name not in _LORA_FIELDS_TRANSLATED | _LORA_FIELDS_WITHOUT_EFFECT
+        and getattr(lora_config, f.name) != getattr(defaults, f.name)
+    ]
     if getattr(lora_config, "kasa_config", None) is not None:
         unsupported.append("kasa_config (use kasa_peft.KasaConfig for KaSA)")
     if unsupported:
@@ -156,17 +185,12 @@ def config_from_peft_lora(lora_config: Any) -> KasaConfig:
             f"peft.LoraConfig options not supported in a kasa_peft model: {', '.join(unsupported)}. "
             "Use a plain LoraConfig (default init) or peft's own get_peft_model."
         )
-    target = lora_config.target_modules
-    if isinstance(target, set):
-        target = sorted(target)
     return KasaConfig(
         r=lora_config.r,
         lora_alpha=lora_config.lora_alpha,
         lora_dropout=lora_config.lora_dropout,
-        target_modules=target,
-        exclude_modules=sorted(lora_config.exclude_modules)
-        if isinstance(lora_config.exclude_modules, set)
-        else lora_config.exclude_modules,
+        target_modules=lora_config.target_modules,
+        exclude_modules=lora_config.exclude_modules,
         modules_to_save=list(lora_config.modules_to_save) if lora_config.modules_to_save else None,
         adapter_type="lora",
         truncate=False,

@@ -13,8 +13,10 @@ offers two formats:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from . import checkpoint
+from .layer import KasaLayer, layer_shape
 
 if TYPE_CHECKING:
     from .model import KasaModel
@@ -34,61 +37,101 @@ _PEFT_PREFIX = "base_model.model."
 def _read_peft_config(path: Path):
     from peft import LoraConfig
 
-    raw = json.loads((path / PEFT_CONFIG_NAME).read_text())
+    config_path = path / PEFT_CONFIG_NAME
+    raw = checkpoint.read_json_object(config_path)
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{path} holds a PEFT {raw.get('peft_type')} adapter; only LoRA and KaSA (a LoRA variant) import.")
-    return LoraConfig.from_pretrained(str(path))
+    try:
+        return LoraConfig.from_pretrained(str(path))
+    except (TypeError, ValueError) as error:
+        raise checkpoint.AdapterFileError(f"{config_path}: not a valid peft.LoraConfig ({error}).") from None
+
+
+def _peft_tensor_key(path: Path, key: str) -> str:
+    """PEFT's ``base_model.model.<module>.lora_A.weight`` (… ``lora_B.weight``, ``lora_diag``) → ``<module>.lora_A``
+    (… ``lora_B``, ``sigma``); anything else is an error naming the tensor."""
+    names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_diag": "sigma"}
+    if key.startswith(_PEFT_PREFIX):
+        for suffix, ours in names.items():
+            if key.endswith("." + suffix):
+                return f"{key[len(_PEFT_PREFIX) : -len(suffix) - 1]}.{ours}"
+    raise ValueError(
+        f"{path / PEFT_WEIGHTS_NAME}: unexpected tensor {key!r}; a PEFT LoRA/KaSA checkpoint this package imports holds "
+        "only base_model.model.<module>.lora_A.weight, lora_B.weight and (KaSA) lora_diag."
+    )
+
+
+def _kasa_config_from_peft(lora):
+    """The KasaConfig computing what PEFT computes with ``lora``; ValueError for anything we do not implement."""
+    from .config import config_from_peft_lora
+
+    if lora.modules_to_save:
+        raise ValueError("importing PEFT modules_to_save is not supported; re-save the adapter without them.")
+    if lora.kasa_config is None:
+        return config_from_peft_lora(lora)
+    kasa = lora.kasa_config
+    beta = kasa["beta"] if isinstance(kasa, dict) else kasa.beta
+    gamma = kasa["gamma"] if isinstance(kasa, dict) else kasa.gamma
+    # Same translation as a plain LoRA config, then switched to KaSA with PEFT's β and γ.
+    plain = copy.copy(lora)
+    plain.kasa_config = None
+    return dataclasses.replace(config_from_peft_lora(plain), adapter_type="kasa", truncate=True, beta=beta, gamma=gamma)
 
 
 def load_peft_kasa_adapter(kasa_model: "KasaModel", path: str | Path, adapter_name: str = "default", is_trainable: bool = False) -> None:
     """Add a PEFT KaSA (or plain LoRA) checkpoint at ``path`` to ``kasa_model`` as ``adapter_name``.
 
-    The KaSA truncation is computed here (PEFT does not store it); everything else is copied.
+    The KaSA truncation is computed here (PEFT does not store it); everything else is copied. Every tensor of the
+    file must be one the adapter uses, and every tensor the adapter needs must be in the file: an unknown tensor
+    (a LoRA bias, DoRA magnitudes, …) is an error, not silently dropped. All checks run before the model changes.
     """
-    from .config import config_from_peft_lora
+    from .targeting import find_target_modules
 
     path = Path(path)
     lora = _read_peft_config(path)
-    if lora.modules_to_save:
-        raise ValueError(f"{path}: importing PEFT modules_to_save is not supported; re-save the adapter without them.")
-    if lora.kasa_config is not None:
-        kasa = lora.kasa_config
-        beta = kasa["beta"] if isinstance(kasa, dict) else kasa.beta
-        gamma = kasa["gamma"] if isinstance(kasa, dict) else kasa.gamma
-        lora.kasa_config = None
-        # Same translation as a plain LoRA config, then switched to KaSA with PEFT's β and γ.
-        config = dataclasses.replace(config_from_peft_lora(lora), adapter_type="kasa", truncate=True, beta=beta, gamma=gamma)
-    else:
-        config = config_from_peft_lora(lora)
+    try:
+        config = _kasa_config_from_peft(lora)
+    except ValueError as error:
+        raise checkpoint.AdapterFileError(f"{path / PEFT_CONFIG_NAME}: {error}") from None
     tensors, _ = checkpoint.load_tensors(path / PEFT_WEIGHTS_NAME)
-    renamed: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        if not key.startswith(_PEFT_PREFIX):
-            raise ValueError(f"{path}: unexpected tensor {key!r} in a PEFT LoRA checkpoint.")
-        module_path, _, tensor_name = key[len(_PEFT_PREFIX) :].removesuffix(".weight").rpartition(".")
-        tensor_name = {"lora_diag": "sigma"}.get(tensor_name, tensor_name)
-        renamed[f"{module_path}.{tensor_name}"] = value
+    renamed = {_peft_tensor_key(path, key): value for key, value in tensors.items()}
+    original_keys = {_peft_tensor_key(path, key): key for key in tensors}
+    kinds = ("lora_A", "lora_B", "sigma") if config.adapter_type == "kasa" else ("lora_A", "lora_B")
+    targets = find_target_modules(kasa_model.base_model, config)
+    expected = {f"{target}.{kind}" for target in targets for kind in kinds}
+    if set(renamed) != expected:
+        extra = sorted(original_keys[key] for key in set(renamed) - expected)
+        missing = sorted(expected - set(renamed))
+        raise ValueError(
+            f"{path / PEFT_WEIGHTS_NAME} does not fit this model: tensors for modules its target_modules do not match "
+            f"here: {extra[:6]}; tensors missing: {missing[:6]}. Load it onto the base model it was trained on."
+        )
+    for target in targets:
+        module = kasa_model.base_model.get_submodule(target)
+        out_features, in_features = layer_shape(module.base_layer if isinstance(module, KasaLayer) else module)
+        shapes = {"lora_A": (config.r, in_features), "lora_B": (out_features, config.r), "sigma": (config.r,)}
+        for kind in kinds:
+            key = f"{target}.{kind}"
+            if tuple(renamed[key].shape) != shapes[kind]:
+                raise ValueError(
+                    f"{path / PEFT_WEIGHTS_NAME}: {key} has shape {tuple(renamed[key].shape)}, this model expects "
+                    f"{shapes[kind]}."
+                )
     kasa_model._inject(adapter_name, config, init="compute")
     # Keep the truncation just computed; take A, B, σ from the checkpoint.
     for module_path, layer in kasa_model.kasa_layers():
         if adapter_name not in layer.kasa_adapters:
             continue
         adapter = layer.kasa_adapters[adapter_name]
-        for tensor_name in ("lora_A", "lora_B", "sigma"):
-            target = getattr(adapter, tensor_name)
-            if target is None:
-                continue
-            key = f"{module_path}.{tensor_name}"
-            if key not in renamed:
-                raise ValueError(f"{path}: PEFT checkpoint lacks {tensor_name} for module {module_path!r}.")
-            if renamed[key].shape != target.shape:
-                raise ValueError(
-                    f"{path}: {key} has shape {tuple(renamed[key].shape)}, this model expects {tuple(target.shape)}."
-                )
-            with torch.no_grad():
-                target.copy_(renamed[key])
-    kasa_model._trainable = is_trainable
-    kasa_model._refresh_state()
+        with torch.no_grad():
+            for kind in kinds:
+                getattr(adapter, kind).copy_(renamed[f"{module_path}.{kind}"])
+    kasa_model.set_adapter_trainable(adapter_name, is_trainable)
+
+
+def exact_paths_regex(paths: list[str]) -> str:
+    """A regex that ``re.fullmatch``-es exactly the given module paths (PEFT's rule for a string target_modules)."""
+    return "^(?:" + "|".join(re.escape(path) for path in paths) + ")$"
 
 
 def export_peft_checkpoint(
@@ -109,6 +152,11 @@ def export_peft_checkpoint(
     config = kasa_model.peft_config[name]
     if format == "kasa" and config.adapter_type != "kasa":
         raise ValueError(f"Adapter {name!r} is a plain LoRA adapter; export it with format='lora'.")
+    if format == "kasa" and not config.truncate:
+        raise ValueError(
+            f"Adapter {name!r} was trained without truncation (truncate=False), but PEFT's KaSA always truncates the "
+            "base on load, so it would compute something else; export it with format='lora' (exact)."
+        )
     if config.modules_to_save:
         raise ValueError("Exporting modules_to_save to PEFT is not supported yet; export the adapter without them.")
     tensors: dict[str, torch.Tensor] = {}
@@ -142,7 +190,9 @@ def export_peft_checkpoint(
         r=rank,
         lora_alpha=config.lora_alpha if format == "kasa" else rank,  # "lora": scaling 1, everything is in B'
         lora_dropout=config.lora_dropout if format == "kasa" else 0.0,
-        target_modules=paths,
+        # An anchored regex of the exact paths: PEFT matches a list by suffix, so a list would also adapt any
+        # unadapted module whose path ends with an adapted one's (e.g. "encoder.proj" for "proj").
+        target_modules=exact_paths_regex(paths),
         fan_in_fan_out=fan_in_fan_out,
         kasa_config=PeftKasaConfig(beta=config.beta, gamma=config.gamma) if format == "kasa" else None,
         base_model_name_or_path=config.base_model_name_or_path,

@@ -2,7 +2,8 @@
 
 The frozen base weight ``W`` is never written to (except by an explicit ``merge``). KaSA's truncation is applied as a
 rank-r correction in the forward pass instead, so one layer can carry several adapters — KaSA with different ranks,
-plain LoRA — and disabling them gives the original layer bit for bit::
+plain LoRA — and disabling unmerged adapters gives the original layer bit for bit (after a merge, disabling unmerges,
+which restores the weight up to the round-off of its dtype)::
 
     y = base(x) − minor_u_sigma · (minor_vh · x) + (α/r) · B · (σ ⊙ (A · dropout(x)))
       = (W − U_r Σ_r V_rᵀ) x + ΔW x,        ΔW = (α/r) · B · diag(σ) · A
@@ -19,23 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .base_layers import SUPPORTED_LAYER_TYPES, can_merge_into, layer_shape, require_supported, weight_matrix
 from .spectral import MinorComponents
 
-SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-
-
-def layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or transformers Conv1D (which stores its weight as in × out)."""
-    if isinstance(layer, Conv1D):
-        in_features, out_features = layer.weight.shape
-        return out_features, in_features
-    return layer.out_features, layer.in_features
-
-
-def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as an (out × in) matrix; a transposed view for Conv1D."""
-    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
-
+__all__ = ["KasaAdapter", "KasaLayer", "ModulesToSaveWrapper", "SUPPORTED_LAYER_TYPES", "layer_shape", "weight_matrix"]
 
 class KasaAdapter(nn.Module):
     """One adapter's tensors for one layer.
@@ -126,12 +114,12 @@ class KasaAdapter(nn.Module):
 
 
 class KasaLayer(nn.Module):
-    """Wraps a frozen ``nn.Linear`` or ``Conv1D`` (``base_layer``) and adds the active adapters' outputs."""
+    """Wraps a frozen base layer (``base_layer``: Linear, Conv1D or a bitsandbytes 4/8-bit Linear, see
+    :mod:`kasa_peft.base_layers`) and adds the active adapters' outputs."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, SUPPORTED_LAYER_TYPES):
-            raise TypeError(f"KasaLayer wraps nn.Linear or transformers Conv1D, not {type(base_layer).__name__}.")
+        require_supported(base_layer, type(base_layer).__name__)
         self.base_layer = base_layer
         self.kasa_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
@@ -175,28 +163,43 @@ class KasaLayer(nn.Module):
             result = result + self.kasa_adapters[name](x).to(result.dtype)
         return result
 
-    def _apply_delta(self, delta: torch.Tensor, sign: float) -> None:
+    def _shifted_weight(self, delta: torch.Tensor, sign: float) -> torch.Tensor:
+        """``W + sign·delta`` in the weight's own layout and dtype, rounded once from a float32 (or wider) sum."""
         weight = self.base_layer.weight
         if isinstance(self.base_layer, Conv1D):
             delta = delta.T
         # Accumulate in float32 at least, so bf16 bases round once, not per term.
         accum = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.data.to(accum) + sign * delta.to(device=weight.device, dtype=accum)).to(weight.dtype)
+
+    def _write_weight(self, value: torch.Tensor) -> None:
         # copy_ (not rebinding .data) keeps tied or shared weights tied.
-        weight.data.copy_(weight.data.to(accum) + sign * delta.to(device=weight.device, dtype=accum))
+        self.base_layer.weight.data.copy_(value)
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold ``ΔW − W_minor`` of each named (default: active) adapter into the base weight."""
+        """Fold ``ΔW − W_minor`` of each named (default: active) adapter into the base weight.
+
+        ``safe_merge`` checks the merged weight *in the weight's dtype* before writing it: a float32 sum can be
+        finite and still overflow to Inf once rounded to float16.
+        """
         for name in names if names is not None else list(self.active_adapters):
+            if not can_merge_into(self.base_layer):
+                raise ValueError(
+                    f"Cannot merge adapter {name!r} into a quantised {type(self.base_layer).__name__}: that would "
+                    "requantise the base and silently lose the update. Use merge_and_unload(dtype=torch.bfloat16) "
+                    "for a dequantised merged model, or keep the adapter unmerged (or export it as LoRA)."
+                )
             if name in self.merged_adapters:
                 warnings.warn(f"Adapter {name!r} is already merged; skipping.", stacklevel=3)
                 continue
-            delta = self.kasa_adapters[name].delta_weight()
-            if safe_merge:
-                candidate = weight_matrix(self.base_layer).to(delta.dtype) + delta
-                if not torch.isfinite(candidate).all():
-                    raise ValueError(f"NaNs or Infs detected while merging adapter {name!r}; the weight was not changed.")
-            self._apply_delta(delta, +1.0)
+            merged = self._shifted_weight(self.kasa_adapters[name].delta_weight(), +1.0)
+            if safe_merge and not bool(torch.isfinite(merged).all()):
+                raise ValueError(
+                    f"NaNs or Infs detected while merging adapter {name!r} into a {self.base_layer.weight.dtype} "
+                    "weight; the weight was not changed."
+                )
+            self._write_weight(merged)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -205,7 +208,7 @@ class KasaLayer(nn.Module):
         for name in list(reversed(self.merged_adapters)) if names is None else names:
             if name not in self.merged_adapters:
                 continue
-            self._apply_delta(self.kasa_adapters[name].delta_weight(), -1.0)
+            self._write_weight(self._shifted_weight(self.kasa_adapters[name].delta_weight(), -1.0))
             self.merged_adapters.remove(name)
 
 

@@ -13,18 +13,14 @@ from torch import nn
 
 from . import checkpoint
 from .config import CONFIG_NAME, KasaConfig, config_from_peft_lora
-from .layer import KasaAdapter, KasaLayer, ModulesToSaveWrapper, layer_shape, weight_matrix
+from . import base_layers
+from .layer import KasaAdapter, KasaLayer, ModulesToSaveWrapper, layer_shape
 from .regularization import kasa_regularization
-from .spectral import check_truncation_rank, truncate_many
+from .spectral import check_truncation_rank
 from .targeting import find_modules_to_save, find_target_modules, get_submodule_parent
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "sigma", "minor_u_sigma", "minor_vh")
 _MODULES_TO_SAVE_PREFIX = "modules_to_save."
-
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Adapters train in float32 on half-precision bases (as PEFT does by default); float64 bases keep float64.
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 class KasaModel(nn.Module):
@@ -33,12 +29,18 @@ class KasaModel(nn.Module):
     Create with :func:`get_kasa_model` or :meth:`KasaModel.from_pretrained`.
     """
 
+    # transformers.Trainer refuses to train a quantised model unless adapters are attached, which it detects by this
+    # flag (set by its own PEFT integration); a KasaModel always carries its adapters.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: KasaConfig | Any | None, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, KasaConfig] = {}
         self.active_adapter: str | None = None
-        self._trainable = True
+        # Adapters loaded with is_trainable=False: they stay frozen when active. Per adapter, as in PEFT, so loading
+        # one for inference does not freeze the one being trained or any added later.
+        self._inference_adapters: set[str] = set()
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -110,29 +112,17 @@ class KasaModel(nn.Module):
         targets = find_target_modules(model, config)
         save_targets = find_modules_to_save(model, config.modules_to_save)
         layers = {name: model.get_submodule(name) for name in targets}
-        base_layers = {name: (m.base_layer if isinstance(m, KasaLayer) else m) for name, m in layers.items()}
+        bases = {name: (m.base_layer if isinstance(m, KasaLayer) else m) for name, m in layers.items()}
         # Every check runs before any module is replaced or any weight read into a truncation.
         minors = None
         if config.uses_truncation:
-            for name, base in base_layers.items():
+            for name, base in bases.items():
                 check_truncation_rank(config.r, layer_shape(base), name=f"module {name!r}")
             if init == "compute":
-                weights = [weight_matrix(base) for base in base_layers.values()]
-                for name, weight in zip(base_layers, weights):
-                    if weight.device.type == "meta":
-                        raise ValueError(
-                            f"Module {name!r} has its weight on the meta device, so its truncation cannot be "
-                            "computed. Load real weights first, or load a saved adapter with KasaModel.from_pretrained "
-                            "(it needs no SVD)."
-                        )
-                    if not torch.isfinite(weight).all():
-                        raise ValueError(
-                            f"Module {name!r} has NaN/Inf weights; KaSA's truncation needs finite weights. "
-                            "Check the checkpoint you loaded."
-                        )
-                minors = truncate_many(weights, config.r, config.truncation_method)
+                # Dequantised (bitsandbytes) or gathered (ZeRO-3) where needed; see kasa_peft.base_layers.
+                minors = base_layers.truncate_layers(bases, config.r, config.truncation_method)
         for index, (name, layer) in enumerate(layers.items()):
-            base = base_layers[name]
+            base = bases[name]
             out_features, in_features = layer_shape(base)
             adapter = KasaAdapter(
                 in_features,
@@ -142,7 +132,7 @@ class KasaModel(nn.Module):
                 config.lora_dropout,
                 use_sigma=config.adapter_type == "kasa",
                 truncate=config.uses_truncation,
-                dtype=_adapter_dtype(base.weight),
+                dtype=base_layers.default_adapter_dtype(base),
                 device="meta" if init == "meta" else base.weight.device,
             )
             if minors is not None:
@@ -183,23 +173,26 @@ class KasaModel(nn.Module):
             if adapter_name in wrapper.copies:
                 del wrapper.copies[adapter_name]
         del self.peft_config[adapter_name]
+        self._inference_adapters.discard(adapter_name)
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
         self._refresh_state()
 
     def _refresh_state(self) -> None:
-        """Push the active adapter into every wrapper and make exactly its tensors trainable."""
+        """Push the active adapter into every wrapper and make exactly its tensors trainable (unless it was loaded
+        for inference)."""
         active = self.active_adapter
+        trainable = active is not None and active not in self._inference_adapters
         for param in self.base_model.parameters():
             param.requires_grad_(False)
         for _, layer in self.kasa_layers():
             layer.active_adapters = [active] if active in layer.kasa_adapters else []
-            if self._trainable and active in layer.kasa_adapters:
+            if trainable and active in layer.kasa_adapters:
                 for param in layer.kasa_adapters[active].parameters():
                     param.requires_grad_(True)
         for _, wrapper in self._wrappers():
             wrapper.active_adapter = active
-            if self._trainable and active in wrapper.copies:
+            if trainable and active in wrapper.copies:
                 for param in wrapper.copies[active].parameters():
                     param.requires_grad_(True)
 
@@ -209,7 +202,11 @@ class KasaModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Context manager: inside it the model computes exactly what the original model computes."""
+        """Context manager: inside it the model computes what the original model computes.
+
+        Bit for bit while no adapter is merged; merged adapters are unmerged first, which restores the base weights
+        up to the round-off of their dtype.
+        """
         touched = []
         for _, module in [*self.kasa_layers(), *self._wrappers()]:
             touched.append((module, module.adapters_disabled))
@@ -231,8 +228,12 @@ class KasaModel(nn.Module):
         for _, layer in self.kasa_layers():
             layer.unmerge()
 
-    def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def _unwrap(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
         model = self.base_model
+        if merge:
+            self._dequantize_for_merge(dtype)
         for name, layer in list(self.kasa_layers()):
             if merge:
                 pending = [n for n in (adapter_names or self.active_adapters) if n in layer.kasa_adapters]
@@ -246,12 +247,32 @@ class KasaModel(nn.Module):
             parent, child = get_submodule_parent(model, name)
             setattr(parent, child, keep)
         self.peft_config.clear()
+        self._inference_adapters.clear()
         self.active_adapter = None
         return model
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the active adapter (truncation included) into the weights and return the plain base model."""
-        return self._unwrap(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Merge the active adapter (truncation included) into the weights and return the plain base model.
+
+        On a quantised (bitsandbytes) base, pass ``dtype`` (e.g. ``torch.bfloat16``): each targeted layer is replaced
+        by a dense ``nn.Linear`` in that dtype holding ``dequant(W) + ΔW − W_minor``; untargeted layers stay quantised.
+        Without ``dtype`` it refuses, since merging into packed weights would be a lossy requantisation.
+        """
+        return self._unwrap(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, dtype=dtype)
+
+    def _dequantize_for_merge(self, dtype: torch.dtype | None) -> None:
+        quantised = [name for name, layer in self.kasa_layers() if base_layers.is_quantized(layer.base_layer)]
+        if quantised and dtype is None:
+            raise ValueError(
+                f"The base of {quantised[0]!r} (and {len(quantised) - 1} more) is quantised; merging would requantise "
+                "it and silently lose most of the update. Call merge_and_unload(dtype=torch.bfloat16) (or float32) "
+                "for a dequantised merged model, or serve the adapter unmerged / via export_peft_checkpoint."
+            )
+        for name, layer in self.kasa_layers():
+            if name in quantised:
+                layer.base_layer = base_layers.dequantized_linear(layer.base_layer, dtype)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original model (its weights untouched)."""
@@ -272,10 +293,12 @@ class KasaModel(nn.Module):
         if config.adapter_type != "kasa" or not adapters:
             device = adapters[0].lora_A.device if adapters else None
             return torch.zeros((), device=device)
+        from .fsdp import whole  # FSDP2 keeps parameters sharded outside forward
+
         return kasa_regularization(
-            [a.lora_A for a in adapters],
-            [a.lora_B for a in adapters],
-            [a.sigma for a in adapters],
+            [whole(a.lora_A) for a in adapters],
+            [whole(a.lora_B) for a in adapters],
+            [whole(a.sigma) for a in adapters],
             beta=config.beta,
             gamma=config.gamma,
             form=config.regularization_form,
@@ -323,7 +346,7 @@ class KasaModel(nn.Module):
             self._require_adapter(name)
             target_dir = save_directory if name == "default" else save_directory / name
             fingerprints = {
-                path: checkpoint.weight_fingerprint(layer.base_weight_matrix())
+                path: base_layers.layer_fingerprint(layer.base_layer)
                 for path, layer in self.kasa_layers()
                 if name in layer.kasa_adapters and not layer.merged_adapters
             }
@@ -367,7 +390,15 @@ class KasaModel(nn.Module):
             self._check_fingerprints(path, targets, checkpoint.decode_fingerprints(metadata))
         self._inject(adapter_name, config, init="meta" if low_cpu_mem_usage else "empty")
         self._load_adapter_tensors(adapter_name, tensors, assign=low_cpu_mem_usage, source=path)
-        self._trainable = is_trainable
+        self.set_adapter_trainable(adapter_name, is_trainable)
+
+    def set_adapter_trainable(self, adapter_name: str, trainable: bool) -> None:
+        """Whether ``adapter_name``'s tensors require grad while it is active (False: loaded for inference)."""
+        self._require_adapter(adapter_name)
+        if trainable:
+            self._inference_adapters.discard(adapter_name)
+        else:
+            self._inference_adapters.add(adapter_name)
         self._refresh_state()
 
     def _check_fingerprints(self, path: Path, targets: list[str], saved: dict[str, torch.Tensor]) -> None:
@@ -376,10 +407,9 @@ class KasaModel(nn.Module):
                 continue
             module = self.base_model.get_submodule(name)
             base = module.base_layer if isinstance(module, KasaLayer) else module
-            weight = weight_matrix(base)
-            if weight.device.type == "meta":
+            if base_layers.is_on_meta(base):
                 continue
-            if not checkpoint.fingerprints_match(saved[name], checkpoint.weight_fingerprint(weight)):
+            if not checkpoint.fingerprints_match(saved[name], base_layers.layer_fingerprint(base)):
                 raise ValueError(
                     f"Checkpoint {path} was trained on a different base model: the weights of {name!r} do not match "
                     "the ones it was saved with. Load it onto its original base model (or pass "

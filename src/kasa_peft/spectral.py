@@ -18,6 +18,16 @@ This module finds ``W_minor`` as two factors, ``minor_u_sigma = U_r Σ_r`` (out 
     matmul and ``eigh`` works on a k × k matrix, so it is several times cheaper than a full SVD, and it batches over
     same-shaped weights. float64 matters: eigenvalues of G carry absolute error ≈ ε·σ_max², so in float32 the minor
     subspace of a real weight is unresolvable; in float64 the error is ≈ 1e-16·σ_max², far below typical gaps.
+``"krylov"``
+    the same float64 Gram, but only its r smallest eigenpairs, by certified shift-invert block Krylov iteration
+    (``minor_solver.py``): Cholesky of G − sI, block solves + QR, Rayleigh–Ritz, then a Sylvester-inertia
+    certificate (``ldl_factor``) that bounds the dropped energy ``‖W V_r‖²_F`` within 1e-8 (relative) of the
+    optimum. Any matrix whose certificate fails is recomputed by ``gram_eigh`` and logged (one WARNING line per
+    matrix and a summary), never silently. Small problems (block ≥ k/2) go straight to ``gram_eigh``.
+
+For out < in, the rows ``Σ_r V_rᵀ = U_rᵀ W`` are turned into orthonormal ``V_rᵀ`` by a thin SVD of that r × in
+matrix (not by dividing by σ, which leaves non-orthonormal rows where σ ≈ 0), so ``minor_vh`` always has
+orthonormal rows and ``minor_u_sigma`` has orthogonal columns.
 
 Both paths return the factors in the SVD's order (largest dropped σ first) and in the canonical form
 ``(U_r Σ_r, V_rᵀ)``; individual singular vectors are only defined up to sign (and, for repeated σ, rotation), so
@@ -26,14 +36,19 @@ compare products, not factors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-TruncationMethod = Literal["gram_eigh", "svd"]
-TRUNCATION_METHODS: tuple[str, ...] = ("gram_eigh", "svd")
+from .minor_solver import SolverSettings, smallest_eigenpairs
+
+logger = logging.getLogger(__name__)
+
+TruncationMethod = Literal["gram_eigh", "svd", "krylov"]
+TRUNCATION_METHODS: tuple[str, ...] = ("gram_eigh", "svd", "krylov")
 
 # Upper bound on the float64 working set of one batched eigh call; keeps a 7B model's 4096² weights
 # (128 MiB each in float64) from being stacked all at once.
@@ -46,7 +61,7 @@ class MinorComponents:
 
     Attributes:
         minor_u_sigma: ``U_r Σ_r``, shape (out, r).
-        minor_vh: ``V_rᵀ``, shape (r, in), orthonormal rows (a zero row where σ = 0).
+        minor_vh: ``V_rᵀ``, shape (r, in), orthonormal rows (also where σ = 0).
         singular_values: ``σ`` of the dropped triplets, shape (r,), descending.
     """
 
@@ -93,6 +108,46 @@ def minor_components_svd(weight: torch.Tensor, r: int) -> MinorComponents:
     )
 
 
+@dataclass
+class TruncationReport:
+    """What the truncation of a set of weights did, per path (filled by ``truncate_many``).
+
+    Attributes:
+        certified: matrices solved by the iterative ``krylov`` path and certified.
+        fallback: matrices whose certificate failed and that were recomputed by the dense path.
+        direct: matrices sent straight to a dense path (method ``gram_eigh``/``svd``, or a problem too small to iterate).
+        iterations: block solves per certified matrix.
+        fallback_reasons: "name: reason" per fallback.
+    """
+
+    certified: int = 0
+    fallback: int = 0
+    direct: int = 0
+    iterations: list[int] = field(default_factory=list)
+    fallback_reasons: list[str] = field(default_factory=list)
+
+
+def _gram(w64: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix: WᵀW (in × in) for out ≥ in, else WWᵀ (out × out)."""
+    return w64.mT @ w64 if w64.shape[-2] >= w64.shape[-1] else w64 @ w64.mT
+
+
+def _components_from_gram_vectors(w64: torch.Tensor, vectors: torch.Tensor) -> MinorComponents:
+    """Canonical factors from the r minor eigenvectors of the smaller Gram (…, k, r), largest dropped σ first.
+
+    out ≥ in: vectors = V_r, ``U_rΣ_r = W V_r``. out < in: vectors = U_r, ``Σ_rV_rᵀ = U_rᵀW`` (r × in), whose thin SVD
+    P S Qᵀ gives ``W_minor = (U_rP)·S·Qᵀ`` with orthonormal rows Qᵀ even where σ ≈ 0 (dividing the rows by σ does not).
+    """
+    if w64.shape[-2] >= w64.shape[-1]:
+        u_sigma = w64 @ vectors  # (…, out, r) = U_r Σ_r
+        # Column norms of W V_r are the σ themselves, computed without the ε·σ_max² error of sqrt(eigenvalue).
+        sigma = torch.linalg.vector_norm(u_sigma, dim=-2)
+        return MinorComponents(minor_u_sigma=u_sigma, minor_vh=vectors.mT, singular_values=sigma)
+    sigma_vh = vectors.mT @ w64  # (…, r, in) = Σ_r V_rᵀ
+    p, sigma, qh = torch.linalg.svd(sigma_vh, full_matrices=False)  # descending σ
+    return MinorComponents(minor_u_sigma=(vectors @ p) * sigma[..., None, :], minor_vh=qh, singular_values=sigma)
+
+
 def minor_components_gram_eigh(weight: torch.Tensor, r: int) -> MinorComponents:
     """Fast path: float64 Gram matrix + ``eigh``. ``weight`` is (out × in) or a batch (b × out × in).
 
@@ -101,40 +156,100 @@ def minor_components_gram_eigh(weight: torch.Tensor, r: int) -> MinorComponents:
     """
     check_truncation_rank(r, weight.shape)
     w64 = weight.detach().to(torch.float64)
-    out_features, in_features = w64.shape[-2], w64.shape[-1]
-    if out_features >= in_features:
-        gram = w64.mT @ w64  # (…, in, in)
-        _, eigenvectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-        minor_v = eigenvectors[..., :, :r].flip(-1)  # (…, in, r), largest dropped σ first
-        u_sigma = w64 @ minor_v  # (…, out, r) = U_r Σ_r
-        # Column norms of W V_r are the σ themselves, computed without the ε·σ_max² error of sqrt(eigenvalue).
-        sigma = torch.linalg.vector_norm(u_sigma, dim=-2)
-        return MinorComponents(minor_u_sigma=u_sigma, minor_vh=minor_v.mT, singular_values=sigma)
-    gram = w64 @ w64.mT  # (…, out, out)
-    _, eigenvectors = torch.linalg.eigh(gram)
-    minor_u = eigenvectors[..., :, :r].flip(-1)  # (…, out, r)
-    sigma_vh = minor_u.mT @ w64  # (…, r, in) = Σ_r V_rᵀ
-    sigma = torch.linalg.vector_norm(sigma_vh, dim=-1)
-    # Normalise rows to V_rᵀ; an exactly-zero σ leaves a zero row, which keeps the product exact.
-    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-    return MinorComponents(
-        minor_u_sigma=minor_u * sigma[..., None, :],
-        minor_vh=sigma_vh / safe_sigma[..., :, None],
-        singular_values=sigma,
-    )
+    _, eigenvectors = torch.linalg.eigh(_gram(w64))  # ascending eigenvalues
+    return _components_from_gram_vectors(w64, eigenvectors[..., :, :r].flip(-1))
+
+
+def _raise_non_finite(weights: torch.Tensor, names: Sequence[str] | None) -> None:
+    """Called only when a fused reduction came out non-finite: find and name the culprit (or return if none)."""
+    bad = ~torch.isfinite(weights).flatten(1).all(-1) if weights.ndim == 3 else ~torch.isfinite(weights).all()[None]
+    for offset, is_bad in enumerate(bad.tolist()):
+        if is_bad:
+            if names is not None:
+                raise ValueError(
+                    f"Module {names[offset]!r} has NaN/Inf weights; KaSA's truncation needs finite weights. "
+                    "Check the checkpoint you loaded."
+                )
+            raise ValueError("KaSA truncation needs finite weights, but the weight contains NaN or Inf.")
+
+
+def minor_components_krylov(
+    weight: torch.Tensor,
+    r: int,
+    settings: SolverSettings = SolverSettings(),
+    names: Sequence[str] | None = None,
+    report: TruncationReport | None = None,
+) -> MinorComponents:
+    """Iterative path: float64 Gram + certified shift-invert block Krylov (``minor_solver``), dense where uncertified.
+
+    ``weight`` is (out × in) or a batch (b × out × in). ``names`` (one per matrix) label the fallback log lines.
+    """
+    check_truncation_rank(r, weight.shape)
+    single = weight.ndim == 2
+    w64 = weight.detach().to(torch.float64)
+    if single:
+        w64 = w64[None]
+    gram = _gram(w64)
+    # One fused finiteness check per batch: trace(G) = ‖W‖²_F is non-finite iff some entry is (or ‖W‖_F overflows).
+    if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1).sum())):
+        _raise_non_finite(w64, names)
+    report = report if report is not None else TruncationReport()
+    b, k = gram.shape[0], gram.shape[-1]
+    if 2 * min(k, r + settings.oversample) >= k:  # the block would be half the matrix: dense is cheaper
+        _, eigenvectors = torch.linalg.eigh(gram)
+        report.direct += b
+        minor = _components_from_gram_vectors(w64, eigenvectors[..., :, :r].flip(-1))
+    else:
+        outcome = smallest_eigenpairs(gram, r, settings)
+        vectors = outcome.eigenvectors
+        failed = torch.nonzero(~outcome.certified).flatten()
+        if len(failed):
+            _, dense = torch.linalg.eigh(gram[failed])
+            vectors = vectors.clone()
+            vectors[failed] = dense[..., :, :r]
+            for index in failed.tolist():
+                label = names[index] if names is not None else f"matrix {index} of a batch of {b}"
+                reason = outcome.reasons[index]
+                logger.warning(
+                    "KaSA truncation: %s (%d×%d) uncertified by the iterative solver (%s); used the exact dense eigh.",
+                    label, w64.shape[-2], w64.shape[-1], reason,
+                )
+                report.fallback_reasons.append(f"{label}: {reason}")
+        report.fallback += len(failed)
+        certified_iterations = outcome.iterations[outcome.certified]
+        report.certified += len(certified_iterations)
+        report.iterations.extend(certified_iterations.tolist())
+        minor = _components_from_gram_vectors(w64, vectors.flip(-1))
+    if single:
+        return MinorComponents(minor.minor_u_sigma[0], minor.minor_vh[0], minor.singular_values[0])
+    return minor
+
+
+def _check_finite(weight: torch.Tensor, names: Sequence[str] | None = None) -> None:
+    # One fused reduction (a float64 sum cannot overflow for float32/bf16/fp16 entries); the exact check runs only
+    # when it comes out non-finite.
+    if not bool(torch.isfinite(weight.detach().sum(dtype=torch.float64))):
+        _raise_non_finite(weight.detach(), names)
 
 
 def truncate_minor_components(
-    weight: torch.Tensor, r: int, method: TruncationMethod = "gram_eigh"
+    weight: torch.Tensor,
+    r: int,
+    method: TruncationMethod = "gram_eigh",
+    names: Sequence[str] | None = None,
+    report: TruncationReport | None = None,
 ) -> MinorComponents:
-    """Find the r smallest singular triplets of ``weight`` (out × in) with the chosen path, in float64."""
-    if not torch.isfinite(weight).all():
-        raise ValueError("KaSA truncation needs finite weights, but the weight contains NaN or Inf.")
+    """Find the r smallest singular triplets of ``weight`` (out × in, or a batch) with the chosen path, in float64."""
+    if method not in TRUNCATION_METHODS:
+        raise ValueError(f"Unknown truncation method {method!r}; choose one of {TRUNCATION_METHODS}.")
+    if method == "krylov":
+        return minor_components_krylov(weight, r, names=names, report=report)
+    _check_finite(weight, names)
+    if report is not None:
+        report.direct += weight.shape[0] if weight.ndim == 3 else 1
     if method == "gram_eigh":
         return minor_components_gram_eigh(weight, r)
-    if method == "svd":
-        return minor_components_svd(weight, r)
-    raise ValueError(f"Unknown truncation method {method!r}; choose one of {TRUNCATION_METHODS}.")
+    return minor_components_svd(weight, r)
 
 
 def truncate_many(
@@ -142,27 +257,43 @@ def truncate_many(
     r: int,
     method: TruncationMethod = "gram_eigh",
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    names: Sequence[str] | None = None,
+    report: TruncationReport | None = None,
 ) -> list[MinorComponents]:
-    """Truncate several weights, batching same-shaped, same-device ones into one float64 ``eigh`` call.
+    """Truncate several weights, batching same-shaped, same-device ones into one float64 call per chunk.
 
     Returns one ``MinorComponents`` per input weight, in input order. Batching only changes speed, not results
-    beyond float64 round-off. ``max_batch_bytes`` bounds the stacked float64 weights of one call.
+    beyond float64 round-off. ``max_batch_bytes`` bounds the float64 working set of one call (the weights, the Gram
+    matrix and, for ``krylov``, its Cholesky/LDL factors). ``names`` label error and fallback messages; ``report``
+    (optional) is filled with what each path did. With ``krylov`` a summary is logged: INFO when every matrix was
+    certified, WARNING when some fell back to the dense path.
     """
+    report = report if report is not None else TruncationReport()
     results: list[MinorComponents | None] = [None] * len(weights)
     groups: dict[tuple, list[int]] = {}
     for index, weight in enumerate(weights):
         groups.setdefault((tuple(weight.shape), weight.device), []).append(index)
     for (shape, _device), indices in groups.items():
-        per_matrix_bytes = 8 * (shape[0] * shape[1] + min(shape) ** 2)
-        chunk = max(1, max_batch_bytes // per_matrix_bytes) if method == "gram_eigh" else 1
+        factors = 3 if method == "krylov" else 1
+        per_matrix_bytes = 8 * (shape[0] * shape[1] + factors * min(shape) ** 2)
+        chunk = max(1, max_batch_bytes // per_matrix_bytes) if method != "svd" else 1
         for start in range(0, len(indices), chunk):
             chunk_indices = indices[start : start + chunk]
             stacked = torch.stack([weights[i].detach() for i in chunk_indices])
-            minor = truncate_minor_components(stacked, r, method)
+            chunk_names = [names[i] for i in chunk_indices] if names is not None else None
+            minor = truncate_minor_components(stacked, r, method, names=chunk_names, report=report)
             for offset, i in enumerate(chunk_indices):
                 results[i] = MinorComponents(
                     minor.minor_u_sigma[offset], minor.minor_vh[offset], minor.singular_values[offset]
                 )
+    if method == "krylov" and weights:
+        iterations = report.iterations
+        summary = (
+            f"KaSA truncation (krylov): {len(weights)} matrices, {report.certified} certified iteratively"
+            f"{f' (block solves {min(iterations)}–{max(iterations)})' if iterations else ''}, "
+            f"{report.fallback} dense fallbacks, {report.direct} dense because small."
+        )
+        logger.log(logging.WARNING if report.fallback else logging.INFO, summary)
     return results  # type: ignore[return-value]
 
 

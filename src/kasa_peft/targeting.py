@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from .config import KasaConfig
-from .layer import SUPPORTED_LAYER_TYPES, KasaLayer, ModulesToSaveWrapper
+from .base_layers import SUPPORTED_LAYER_TYPES, require_supported, unsupported_quantised_reason
+from .layer import KasaLayer, ModulesToSaveWrapper
 
 # Task heads are newly initialised and tiny (often out = num_labels): "all-linear" leaves them out, as PEFT does for
 # its task types; train them with modules_to_save instead.
@@ -40,7 +41,8 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (*SUPPORTED_LAYER_TYPES, KasaLayer))
+    # Quantised layers of other libraries count too, so that "all-linear" reports them instead of skipping them.
+    return isinstance(module, (*SUPPORTED_LAYER_TYPES, KasaLayer)) or unsupported_quantised_reason(module) is not None
 
 
 def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
@@ -50,7 +52,9 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
     and its type, so that a bad config fails before any weight is read or changed.
     """
     candidates = [(name, module) for name, module in model.named_modules() if name and not _is_wrapper_internal(name)]
-    protected = set(config.modules_to_save or [])
+    # A module inside a modules_to_save module is trained in full and copied per adapter; an adapter on it as well
+    # would exist twice (original and copy), count twice in the regulariser, and not save.
+    saved = find_modules_to_save(model, config.modules_to_save)
     if config.target_modules == "all-linear":
         excluded = _output_layer_names(model)
         matched = [
@@ -58,7 +62,7 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
             for name, module in candidates
             if _is_linear_like(module)
             and name not in excluded
-            and not name_matches(name, list(protected))
+            and _enclosing(name, saved) is None
             and not any(part in _HEAD_NAMES for part in name.split("."))
         ]
     else:
@@ -66,6 +70,14 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
     matched = [(name, module) for name, module in matched if not name_matches(name, config.exclude_modules)]
     # A ModulesToSaveWrapper is matched by its own path; its internals were filtered out above.
     matched = [(name, module) for name, module in matched if not isinstance(module, ModulesToSaveWrapper)]
+    for name, _ in matched:
+        enclosing = _enclosing(name, saved)
+        if enclosing is not None:
+            raise ValueError(
+                f"target_modules matched {name!r}, which lies inside the modules_to_save module {enclosing!r} "
+                "(trained in full, so it cannot also get an adapter). Add it to exclude_modules, or drop "
+                f"{enclosing!r} from modules_to_save."
+            )
     if not matched:
         examples = [name for name, module in candidates if _is_linear_like(module)][:12]
         raise ValueError(
@@ -73,6 +85,9 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
             f"Linear/Conv1D modules here include: {examples}. Fix target_modules (names match exactly or as a "
             f"dotted suffix; a string is a regex), or use 'all-linear'."
         )
+    for name, module in matched:
+        if unsupported_quantised_reason(module) is not None:
+            require_supported(module, name)  # raises, naming the quantised layer type
     unsupported = [(name, type(module).__name__) for name, module in matched if not _is_linear_like(module)]
     if unsupported:
         listing = ", ".join(f"{name} ({kind})" for name, kind in unsupported[:8])
@@ -81,6 +96,11 @@ def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:
             f"unsupported modules: {listing}. Narrow target_modules to linear layers."
         )
     return [name for name, _ in matched]
+
+
+def _enclosing(name: str, paths: list[str]) -> str | None:
+    """The path in ``paths`` that is ``name`` or one of its ancestors, else None."""
+    return next((path for path in paths if name == path or name.startswith(path + ".")), None)
 
 
 def find_modules_to_save(model: nn.Module, patterns: Iterable[str] | None) -> list[str]:
@@ -97,6 +117,13 @@ def find_modules_to_save(model: nn.Module, patterns: Iterable[str] | None) -> li
     missing = [p for p in patterns if not any(name_matches(n, [p]) for n in found)]
     if missing:
         raise ValueError(f"modules_to_save entries {missing} match no module of {type(model).__name__}.")
+    for name in found:
+        adapted = [sub for sub, module in model.get_submodule(name).named_modules() if isinstance(module, KasaLayer)]
+        if adapted:
+            raise ValueError(
+                f"modules_to_save entry {name!r} contains layers that already carry adapters ({name}.{adapted[0]}); "
+                "a module cannot be both trained in full and adapted. Drop it from modules_to_save."
+            )
     return found
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,38 +51,92 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 class RegularizedTrainerMixin:
-    """Adds ``regularization_term(model)`` to the training loss once per optimiser step, logs it, and marks
-    checkpoints complete. Mix in before ``transformers.Trainer``.
+    """Adds ``regularization_term(model)`` to the training loss with exactly the task loss's normalisation, logs it,
+    and marks checkpoints complete. Mix in before ``transformers.Trainer``.
 
-    The term is added once per optimiser step whatever the gradient accumulation: when the Trainer divides each
-    micro-batch loss by the accumulation steps the full term is added per micro-batch, and when the model already
-    normalised its loss over the whole accumulated batch (``num_items_in_batch``) a 1/steps share is added.
+    Gradient accumulation over k micro-batches: the Trainer backpropagates ``c·task_i`` for micro-batch i, and we
+    make that ``c·(task_i + s·reg)``, with s chosen so that β and γ weigh against the task loss as without
+    accumulation, in each branch of ``Trainer.compute_loss`` / ``training_step``:
+
+    * the Trainer divides by k (``c = 1/k``; a plain forward, no ``num_items_in_batch``): ``s = 1``, so a step
+      optimises mean task + reg;
+    * the Trainer does not divide and the task loss is normalised over the whole accumulated batch (a model that
+      consumes ``num_items_in_batch``, a ``compute_loss_func``, the label smoother, or ``loss_is_scaled_for_ga``
+      set to True): ``s = 1/k``, so the k shares add up to one reg;
+    * the Trainer does not divide but the task loss is a per-micro-batch mean anyway (a forward that takes
+      ``**kwargs`` and ignores ``num_items_in_batch``, e.g. BERT classifiers in transformers 5): ``s = 1``, so a
+      step optimises k·(mean task + reg), as the Trainer does for the task loss alone.
+
+    Which of the last two holds is measured once per Trainer, on the first accumulated micro-batch: the task loss is
+    recomputed twice without gradients in eval mode, with ``num_items_in_batch`` and with twice it; a loss
+    normalised over the accumulated batch halves. (Two extra forward passes per run, only with k > 1.)
     """
 
     _reg_sum = 0.0
     _reg_count = 0
+    # None until measured: does the task loss scale with 1 / num_items_in_batch?
+    _task_loss_follows_num_items: bool | None = None
 
     def regularization_term(self, model) -> torch.Tensor | None:  # pragma: no cover - overridden
         return None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        share = self._regularizer_share(model, inputs, num_items_in_batch) if model.training else 1.0
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         reg = self.regularization_term(model) if model.training else None
         if reg is not None:
             reg = reg.to(loss.device)
             self._reg_sum += float(reg.detach())
             self._reg_count += 1
-            if self._loss_is_normalised_over_accumulation(num_items_in_batch):
-                reg = reg / self.current_gradient_accumulation_steps
-            loss = loss + reg.to(loss.dtype)
+            loss = loss + (reg * share).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
-    def _loss_is_normalised_over_accumulation(self, num_items_in_batch) -> bool:
-        # Mirrors Trainer.training_step's decision whether to divide the loss by the accumulation steps.
+    def _trainer_divides_by_accumulation(self, num_items_in_batch) -> bool:
+        # Trainer.training_step's own decision (transformers 5), read from the same attributes.
         explicit = getattr(self, "loss_is_scaled_for_ga", None)
         if explicit is not None:
-            return bool(explicit)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+            return not explicit
+        skips = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return not skips
+
+    def _regularizer_share(self, model, inputs, num_items_in_batch) -> float:
+        """s in the class docstring: the fraction of the regulariser added to this micro-batch's loss."""
+        steps = self.current_gradient_accumulation_steps
+        if steps == 1 or self._trainer_divides_by_accumulation(num_items_in_batch):
+            return 1.0
+        if getattr(self, "loss_is_scaled_for_ga", None):
+            return 1.0 / steps  # the user says the task loss is normalised over the accumulated batch
+        if num_items_in_batch is None:
+            return 1.0  # nothing to normalise over: a per-micro-batch loss the Trainer does not divide
+        if self._task_loss_follows_num_items is None:
+            self._task_loss_follows_num_items = self._measure_num_items_dependence(model, inputs, num_items_in_batch)
+        # Still undecided (no labelled item yet): this micro-batch's task loss is zero, take the 1/k share.
+        return 1.0 if self._task_loss_follows_num_items is False else 1.0 / steps
+
+    def _measure_num_items_dependence(self, model, inputs, num_items_in_batch) -> bool | None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                # dict(...): Trainer.compute_loss pops "labels" from the dict it is given.
+                once = super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                twice = super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch * 2)
+        finally:
+            model.train(was_training)
+        once, twice = float(once.detach().float().mean()), float(twice.detach().float().mean())
+        if once == 0.0 or not math.isfinite(once):
+            return None  # undecidable on this micro-batch (no labelled item); measure again on the next one
+        if math.isclose(twice, once / 2, rel_tol=1e-3):
+            return True
+        if not math.isclose(twice, once, rel_tol=1e-3):
+            warnings.warn(
+                f"KasaTrainer: the task loss neither halves nor stays when num_items_in_batch doubles ({once:g} → "
+                f"{twice:g}); treating it as normalised over the accumulated batch. Set trainer.loss_is_scaled_for_ga "
+                "to say which it is.",
+                stacklevel=2,
+            )
+            return True
+        return False
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._reg_count and "loss" in logs:

@@ -196,8 +196,6 @@ def test_truncated_adapter_is_one_line(trained_run, tmp_path, command):
     assert not (tmp_path / "merged").exists()
 
 
-@pytest.mark.xfail(reason="needs the library's corrupt-adapter error naming the file (kasa_peft.checkpoint, the core "
-                          "part of issue 8); drop this marker once that is merged", strict=False)
 @pytest.mark.parametrize("command", ["eval", "merge"])
 def test_truncated_adapter_error_names_the_file(trained_run, tmp_path, command):
     copy, weights = _with_truncated_adapter(trained_run, tmp_path)

@@ -137,6 +137,7 @@ def train(
     eval_limit: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     save_steps: Optional[int] = typer.Option(None), num_beams: Optional[int] = typer.Option(None),
     max_new_tokens: Optional[int] = typer.Option(None),
+    quantize: Optional[str] = typer.Option(None, help="Load the base 4bit (nf4, QLoRA-style) or 8bit with bitsandbytes; pip install 'kasa-peft[quant]'."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run; the old run is kept until the new one has finished."),
 ) -> None:
@@ -145,7 +146,8 @@ def train(
                        demo_data=demo_data, r=r, lora_alpha=lora_alpha, target_modules=target_modules, beta=beta,
                        gamma=gamma, learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
                        batch_size=batch_size, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
-                       seed=seed, save_steps=save_steps, num_beams=num_beams, max_new_tokens=max_new_tokens)
+                       seed=seed, save_steps=save_steps, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                       quantize=quantize)
     from .runner import run_experiment  # the deep-learning stack: only once the settings are valid
 
     result = run_experiment(cfg, resume=resume, overwrite=overwrite)
@@ -229,6 +231,20 @@ def merge(
 
     merge_adapter(adapter_dir, output_dir, model)
     console.print(f"merged model written to {output_dir}")
+
+
+@app.command("export")
+def export(
+    source: Path = typer.Argument(..., help="A `kasa train` run directory or a KaSA adapter directory."),
+    output_dir: Path = typer.Argument(..., help="Where to write the PEFT checkpoint (adapter_config.json + weights)."),
+    format: str = typer.Option("lora", "--format", help="lora: exact rank-2r plain LoRA (any LoRA server); kasa: PEFT's KaSA."),
+    model: Optional[str] = typer.Option(None, help="Base model; default: the one recorded in the run's config.json."),
+) -> None:
+    """Export a KaSA adapter as a PEFT checkpoint (rank-2r LoRA by default) for LoRA-capable servers."""
+    from .export import export_adapter
+
+    export_adapter(source, output_dir, format=format, model=model)
+    console.print(f"PEFT {format} checkpoint written to {output_dir}")
 
 
 @score_app.command("e2e")

@@ -47,7 +47,7 @@ def evaluate_run(run_dir: Path, eval_limit: int | None = None) -> dict[str, floa
         config.eval_limit = eval_limit
     holder: dict = {}
     setup = FAMILY_SETUPS[config.family](config, holder)
-    loaded = load_model(config.model, setup.kind, num_labels=setup.num_labels)
+    loaded = load_model(config.model, setup.kind, num_labels=setup.num_labels, quantize=config.quantize)
     model = attach_adapter(loaded.model, run_dir / "adapter").eval()
     if setup.compute_metrics is not None:
         metrics = _classification_metrics(model, loaded.tokenizer, setup, holder, config)

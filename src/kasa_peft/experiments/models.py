@@ -186,23 +186,55 @@ def _check_fits_task(path: str, task_kind: str) -> None:
         )
 
 
-def load_model(model: str, task_kind: str, num_labels: int = 2, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load ``model`` for ``task_kind`` ('classification' or 'causal'), in ``dtype`` (default float32)."""
+QUANTIZE_CHOICES = ("4bit", "8bit")
+
+
+def quantization_kwargs(quantize: str | None, dtype: torch.dtype) -> dict:
+    """``from_pretrained`` arguments for a bitsandbytes base: '4bit' = QLoRA's nf4 + double quantisation, '8bit' = LLM.int8."""
+    if quantize is None:
+        return {}
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}.")
+    import torch
+    from kasa_peft.base_layers import require_bitsandbytes
+
+    require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=dtype)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # bitsandbytes places the quantised weights itself: this process's GPU, or the CPU (bitsandbytes >= 0.48).
+    device = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": device}
+
+
+def load_model(
+    model: str, task_kind: str, num_labels: int = 2, dtype: torch.dtype | None = None, quantize: str | None = None
+) -> LoadedModel:
+    """Load ``model`` for ``task_kind`` ('classification' or 'causal'), in ``dtype`` (default float32);
+    ``quantize``: None, '4bit' or '8bit'."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     dtype = dtype or torch.float32
     check_model_name(model)
     if model in TINY_MODELS:
+        if quantize is not None:
+            raise ModelResolutionError(f"--quantize needs a saved checkpoint; {model} is built in memory. Pass a model directory.")
         return _tiny_model(model, task_kind, num_labels)
     path = resolve_model_path(model)
     _check_fits_task(path, task_kind)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    quantized = quantization_kwargs(quantize, dtype)
     if task_kind == "classification":
         problem = "regression" if num_labels == 1 else "single_label_classification"
-        loaded = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, problem_type=problem, dtype=dtype)
+        loaded = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, problem_type=problem,
+                                                                    dtype=dtype, **quantized)
     else:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     if getattr(loaded.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:

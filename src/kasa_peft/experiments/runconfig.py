@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from .models import PACKAGED_MODELS, TINY_MODELS, ModelResolutionError, check_model_name
+from .models import PACKAGED_MODELS, QUANTIZE_CHOICES, TINY_MODELS, ModelResolutionError, check_model_name
 
 # Value ranges, as annotations pydantic enforces (NaN/inf refused for every bounded float).
 AtLeastOne = Annotated[int, Field(ge=1)]
@@ -77,6 +77,7 @@ class RunConfig:
     num_beams: AtLeastOne | None = field(default=None, metadata={"help": "Beam width; default per task: E2E 10 (LoRA paper), commonsense 4 (LLM-Adapters), instruction 1."})
     max_new_tokens: AtLeastOne = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
+    quantize: str | None = field(default=None, metadata={"help": "Load the base with bitsandbytes: '4bit' (nf4, double quant) or '8bit'; needs kasa-peft[quant]."})
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Every assignment is validated — in __init__ (so also from_dict and dataclasses.replace) and afterwards
@@ -96,6 +97,15 @@ class RunConfig:
             raise ConfigError("method", self.method, f"Unknown method; choose from {', '.join(METHODS)}")
         if self.task not in TASK_FAMILIES:
             raise ConfigError("task", self.task, f"Unknown task; choose from {', '.join(TASK_FAMILIES)}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError("quantize", self.quantize, f"must be {' or '.join(map(repr, QUANTIZE_CHOICES))}")
+        if self.quantize is not None and self.method in ("full", "peft-kasa"):
+            raise ConfigError(
+                "quantize", self.quantize,
+                f"does not work with method {self.method!r}: "
+                + ("a quantised base cannot be fully fine-tuned." if self.method == "full" else
+                   "PEFT's KaSA silently trains plain LoRA on bitsandbytes layers; use method 'kasa'."),
+            )
 
     @property
     def beams(self) -> int:

@@ -259,7 +259,7 @@ def _train_and_evaluate(config: RunConfig, checkpoint: Path | None) -> dict[str,
     set_seed(config.seed)
     holder: dict[str, Any] = {}
     setup = FAMILY_SETUPS[config.family](config, holder)  # data first: bad data fails before any model load
-    loaded = load_model(config.model, setup.kind, num_labels=setup.num_labels)
+    loaded = load_model(config.model, setup.kind, num_labels=setup.num_labels, quantize=config.quantize)
     tokenizer = loaded.tokenizer
     targets = config.target_modules or _default_targets(loaded.model)
     spectrum = _spectrum(loaded.model, targets, config.r)

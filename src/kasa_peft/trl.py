@@ -1,0 +1,55 @@
+"""TRL integration: ``KasaSFTTrainer`` = TRL's ``SFTTrainer`` with KaSA's regulariser in the loss.
+
+It is :class:`kasa_peft.trainer.KasaTrainer` placed in front of ``trl.SFTTrainer`` in the MRO, so the loss is
+``SFT loss + KasaModel.regularization_loss()`` — added once per optimiser step whatever the gradient accumulation
+(see :class:`kasa_peft.trainer.RegularizedTrainerMixin`) — and checkpoints hold the KaSA adapter. Everything else
+(dataset formatting, chat templates, completion-only loss, packing, metrics) is TRL's::
+
+    from kasa_peft import KasaConfig, get_kasa_model
+    from kasa_peft.trl import KasaSFTTrainer
+    trainer = KasaSFTTrainer(model=get_kasa_model(model, KasaConfig(r=8)), args=SFTConfig(...),
+                             train_dataset=dataset, processing_class=tokenizer)
+
+Do not pass ``peft_config``: the model already carries its KaSA adapter.
+"""
+
+from __future__ import annotations
+
+try:
+    from trl import SFTTrainer
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError('kasa_peft.trl needs TRL: pip install "kasa-peft[trl]"') from error
+
+from .trainer import KasaTrainer
+
+__all__ = ["KasaSFTTrainer"]
+
+
+class KasaSFTTrainer(KasaTrainer, SFTTrainer):
+    """``trl.SFTTrainer`` training a ``KasaModel`` with the KaSA regulariser in the loss."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("peft_config") is not None:
+            raise ValueError(
+                "KasaSFTTrainer trains the KaSA adapter already on the model; drop peft_config (wrap the model with "
+                "kasa_peft.get_kasa_model instead)."
+            )
+        super().__init__(*args, **kwargs)
+        self._move_fused_lm_head_inside()
+
+    def _move_fused_lm_head_inside(self) -> None:
+        """SFTTrainer patches a fused LM-head forward onto the model it is given unless that is a PeftModel; on a
+        KasaModel it would look up ``.base_model`` (ours: the whole wrapped LM, not its backbone). Put the patch on the
+        wrapped transformers model instead, where PEFT models get it."""
+        from trl.trainer.utils import add_fused_lm_head
+
+        from .trainer import find_kasa_model
+
+        kasa_model = find_kasa_model(self.model)
+        if "forward" in vars(kasa_model):  # the instance-level patch; KasaModel.forward passes everything through
+            del kasa_model.forward
+            add_fused_lm_head(kasa_model.base_model, outputs=("log_probs", "entropy", "is_top1"))
+
+    # SFTTrainer's dataset preparation keeps its own columns (input_ids, labels, seq_lengths, completion masks):
+    # its choice, not KasaTrainer's base-model signature, decides what survives column pruning.
+    _set_signature_columns_if_needed = SFTTrainer._set_signature_columns_if_needed
