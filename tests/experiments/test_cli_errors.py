@@ -227,3 +227,11 @@ def test_values_are_validated_on_assignment_too(tmp_path):
         config.eval_limit = 0  # `kasa eval --eval-limit 0` used to mean "everything"
     config.data_dir = "some/where"
     assert config.data_dir == str(Path("some/where").resolve())
+
+
+def test_invalid_adapter_json_under_eval_names_the_file(trained_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    config_file = copy / "adapter" / "kasa_config.json"
+    config_file.write_text('{"r": 8,')
+    assert str(config_file) in _one_error_line(runner.invoke(app, ["eval", str(copy)]))
