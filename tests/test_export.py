@@ -80,6 +80,8 @@ def test_lora_export_of_a_4bit_model_serves_on_quantised_and_full_precision_base
         expected = kasa(**inputs).logits
         with kasa.disable_adapter():
             quantised_base = kasa(**inputs).logits
+    with pytest.raises(ValueError, match="format='lora'"):  # PEFT's KaSA would apply plain LoRA on bnb layers
+        export_peft_checkpoint(kasa, tmp_path / "kasa", format="kasa")
     export_peft_checkpoint(kasa, tmp_path / "lora", format="lora")
 
     on_4bit = PeftModel.from_pretrained(load_quantized(base_dir, "nf4"), str(tmp_path / "lora")).eval()

@@ -57,6 +57,12 @@ def _first_step_gradient(tmp_path, beta: float, accumulation: int):
                      save_strategy="no", use_cpu=True, seed=0, data_seed=0, max_length=16, disable_tqdm=True,
                      logging_steps=1, max_grad_norm=0.0)  # no clipping: compare raw gradients
     recorder = _GradientAtStep(model)
+    recorder.backbone_calls = 0
+
+    def count(*_):
+        recorder.backbone_calls += 1
+
+    model.base_model.model.register_forward_pre_hook(count)
     trainer = KasaSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[recorder])
     trainer.train()
@@ -72,6 +78,8 @@ def test_sft_loss_carries_the_regulariser_once_per_optimiser_step(tmp_path, accu
     # d/dσ of β·Σσ² is 2βσ, once — added per micro-batch it would be `accumulation` times that.
     torch.testing.assert_close(regularised.grad - plain.grad, 2 * beta * plain.sigma, atol=1e-5, rtol=1e-4)
     assert any("reg_loss" in entry for entry in trainer.state.log_history)
+    # One forward per micro-batch: no extra pass to rebuild logits the training loss does not need.
+    assert regularised.backbone_calls == accumulation
 
 
 def test_peft_config_is_refused(tmp_path):

@@ -37,7 +37,7 @@ _UNSUPPORTED_QUANTISED_NAMES = {
     "WQLinear_IPEX": "AWQ", "WQLinear_Marlin": "AWQ",
     "HQQLinear": "HQQ", "HQQLinearLoRA": "HQQ",
     "QLinear": "optimum-quanto", "EetqLinear": "EETQ", "FP8Linear": "FP8", "EfficientQuantLinear": "AQLM",
-    "QuantizedLinear": "AQLM", "Linear4bitLt": "bitsandbytes (unsupported variant)",
+    "QuantizedLinear": "AQLM",
 }
 _UNSUPPORTED_QUANTISED_MODULES = ("auto_gptq", "gptqmodel", "awq", "hqq", "optimum.quanto", "aqlm", "eetq", "torchao")
 
@@ -131,10 +131,6 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
         in_features, out_features = _weight_shape(layer.weight)
         return out_features, in_features
     return layer.out_features, layer.in_features
-
-
-def weight_device(layer: nn.Module) -> torch.device:
-    return layer.weight.device
 
 
 def default_adapter_dtype(layer: nn.Module) -> torch.dtype:
@@ -240,7 +236,8 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> Iterator
 
 
 def check_weight_readable(layer: nn.Module, name: str) -> None:
-    if not _is_zero3_partitioned(layer) and layer.weight.device.type == "meta":
+    """Raise ``ValueError`` naming ``name`` if the weight is on the meta device (nothing to truncate)."""
+    if is_on_meta(layer):
         raise ValueError(
             f"Module {name!r} has its weight on the meta device, so its truncation cannot be computed. Load real "
             "weights first, or load a saved adapter with KasaModel.from_pretrained (it needs no SVD)."
@@ -256,11 +253,12 @@ def truncate_layers(layers: Mapping[str, nn.Module], r: int, method: str) -> lis
     """
     names = list(layers)
     results: dict[str, MinorComponents] = {}
-    direct = [n for n in names if not (is_quantized(layers[n]) or _is_zero3_partitioned(layers[n]))]
+    one_at_a_time = {n for n in names if is_quantized(layers[n]) or _is_zero3_partitioned(layers[n])}
+    direct = [n for n in names if n not in one_at_a_time]
     for name in names:
         check_weight_readable(layers[name], name)
     for name in names:
-        if name in direct:
+        if name not in one_at_a_time:
             continue
         with dense_weight(layers[name], torch.float64) as weight:
             results[name] = truncate_many([weight], r, method, names=[name])[0]

@@ -24,6 +24,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from . import checkpoint
+from .base_layers import is_quantized
 from .layer import KasaLayer, layer_shape
 
 if TYPE_CHECKING:
@@ -168,6 +169,11 @@ def export_peft_checkpoint(
         if format == "kasa" and is_conv1d:
             raise ValueError(
                 f"PEFT's KaSA rejects Conv1D layers ({module_path!r}); export with format='lora' instead."
+            )
+        if format == "kasa" and is_quantized(layer.base_layer):
+            raise ValueError(
+                f"PEFT's KaSA silently trains and applies plain LoRA on quantised layers ({module_path!r}), dropping σ "
+                "and the truncation; export with format='lora' instead."
             )
         adapter = layer.kasa_adapters[name]
         prefix = f"{_PEFT_PREFIX}{module_path}."

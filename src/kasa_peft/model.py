@@ -309,6 +309,16 @@ class KasaModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
 
+    def cast_adapter(self, dtype: torch.dtype, adapter_name: str | None = None) -> None:
+        """Hold one adapter's tensors (A, B, σ and the truncation buffers) in ``dtype``, e.g. the bf16 compute dtype of
+        a 4-bit base. The default is float32 (float64 on float64 bases). Inputs are cast to it and outputs back to
+        the base's dtype."""
+        name = adapter_name or self.active_adapter
+        self._require_adapter(name)
+        for _, layer in self.kasa_layers():
+            if name in layer.kasa_adapters:
+                layer.kasa_adapters[name].to(dtype)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

@@ -25,8 +25,27 @@ from .trainer import KasaTrainer
 __all__ = ["KasaSFTTrainer"]
 
 
-class KasaSFTTrainer(KasaTrainer, SFTTrainer):
+class _SFTOutputsOnDemand(SFTTrainer):
+    """Asks SFTTrainer for the model outputs only when the Trainer's caller wants them.
+
+    ``RegularizedTrainerMixin`` always requests ``return_outputs=True`` from the loss below it; SFTTrainer's fused
+    LM head does not build logits, so it would pay a second forward pass per training step to return them.
+    """
+
+    _caller_wants_outputs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        wanted = self._caller_wants_outputs
+        result = super().compute_loss(model, inputs, return_outputs=wanted, num_items_in_batch=num_items_in_batch)
+        return result if wanted else (result, None)
+
+
+class KasaSFTTrainer(KasaTrainer, _SFTOutputsOnDemand):
     """``trl.SFTTrainer`` training a ``KasaModel`` with the KaSA regulariser in the loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._caller_wants_outputs = return_outputs
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def __init__(self, *args, **kwargs) -> None:
         if kwargs.get("peft_config") is not None:
