@@ -115,7 +115,7 @@ def count_eigenvalues_below(gram: torch.Tensor, mu: torch.Tensor) -> tuple[torch
     return count, (info == 0) & ~singular
 
 
-def _energy_bounds(theta, rho2, r, lower, delta):
+def energy_bounds(theta, rho2, r, lower, delta):
     """Certified energy bound for every candidate m = r … p−1 (1-based), assuming the inertia count at μ_m is m.
 
     theta, rho2: (b, p) Ritz values and squared residual norms; lower: (b,) ℓ ≤ λ_1; delta: (b,) round-off.
@@ -136,8 +136,34 @@ def _energy_bounds(theta, rho2, r, lower, delta):
     return bound, mu
 
 
-def smallest_eigenpairs(gram: torch.Tensor, r: int, settings: SolverSettings = SolverSettings()) -> SolverOutcome:
-    """The r smallest eigenpairs of each PSD ``gram`` (b × k × k, float64), certified by energy (module docstring)."""
+def certify(gram: torch.Tensor, theta: torch.Tensor, best: torch.Tensor, mus: torch.Tensor, r: int):
+    """Sylvester-inertia check of the chosen candidate m = best + r: exactly m eigenvalues of G below μ_m?
+
+    gram (b, k, k); theta (b, p) Ritz values; best (b,) index into the candidates of ``energy_bounds``; mus (b, p−r).
+    Returns (passed, count, m, ok), each (b,). Only with ``passed`` does the energy bound of that candidate hold.
+    """
+    m = best + r
+    mu = mus.gather(-1, best[:, None])[:, 0]
+    count, ok = count_eigenvalues_below(gram, mu)
+    return ok & (count == m), count, m, ok
+
+
+def ritz_pairs(gram: torch.Tensor, block: torch.Tensor):
+    """Rayleigh–Ritz on an orthonormal block (b, k, p): Ritz values θ (b, p) ascending, vectors, residuals R = GX − XΘ."""
+    g_block = gram @ block
+    projected = block.mT @ g_block
+    theta, rotation = torch.linalg.eigh(0.5 * (projected + projected.mT))
+    return theta, block @ rotation, g_block @ rotation - (block @ rotation) * theta[:, None, :]
+
+
+def smallest_eigenpairs(
+    gram: torch.Tensor, r: int, settings: SolverSettings = SolverSettings(), start: torch.Tensor | None = None
+) -> SolverOutcome:
+    """The r smallest eigenpairs of each PSD ``gram`` (b × k × k, float64), certified by energy (module docstring).
+
+    ``start`` (b × k × p, p = min(k, r + oversample)) replaces the seeded random start block (tests use it to start
+    from a subspace that misses an eigenvector, which the inertia certificate must catch).
+    """
     if gram.dtype != torch.float64 or gram.ndim != 3:
         raise ValueError("smallest_eigenpairs expects a (b, k, k) float64 batch of Gram matrices.")
     b, k = gram.shape[0], gram.shape[-1]
@@ -164,9 +190,10 @@ def smallest_eigenpairs(gram: torch.Tensor, r: int, settings: SolverSettings = S
         retry, retry_info = torch.linalg.cholesky_ex(gram[bad] - shift[bad][:, None, None] * eye)
         factor[bad], info[bad] = retry, retry_info
 
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    block = torch.randn(b, k, p, dtype=gram.dtype, device=device, generator=generator)
-    block = torch.linalg.qr(block).Q
+    if start is None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+        start = torch.randn(b, k, p, dtype=gram.dtype, device=device, generator=generator)
+    block = torch.linalg.qr(start.to(gram.dtype)).Q
 
     active = torch.nonzero(info == 0).flatten()
     for index in torch.nonzero(info != 0).flatten().tolist():
@@ -197,7 +224,9 @@ def smallest_eigenpairs(gram: torch.Tensor, r: int, settings: SolverSettings = S
             basis.append(torch.linalg.qr(nxt).Q)
         steps += degree
         step = steps
-        span = torch.cat(basis, dim=-1)
+        # A QR of the whole span keeps it orthonormal even where a new block was all round-off (e.g. null spaces):
+        # the Ritz values and the certificate are only valid for an orthonormal basis.
+        span = torch.linalg.qr(torch.cat(basis, dim=-1)).Q
         g_span = gram_a @ span
         projected = span.mT @ g_span
         theta_all, rotation = torch.linalg.eigh(0.5 * (projected + projected.mT))
@@ -209,13 +238,14 @@ def smallest_eigenpairs(gram: torch.Tensor, r: int, settings: SolverSettings = S
         rho2 = residual_a.square().sum(-2)
 
         lower = shift_a - delta_a
-        bounds, mus = _energy_bounds(theta, rho2, r, lower, delta_a)
+        bounds, mus = energy_bounds(theta, rho2, r, lower, delta_a)
         best_bound, best = bounds.min(dim=-1)
         energy = theta[:, :r].sum(-1).clamp_min(0)
         energy_ok = best_bound <= settings.energy_rtol * energy + r * delta_a
         # Subspace accuracy where it is defined: Davis–Kahan, sin∠ ≤ ‖R_r‖/gap, ‖ΔW_minor‖ ≲ 2·sin∠·σ_{r+1}.
         gap_r = theta[:, r] - theta[:, r - 1]
-        has_gap = theta[:, r] >= (1 + settings.subspace_gap) * theta[:, r - 1].clamp_min(0)
+        # (a gap of round-off size, e.g. inside a cluster of exact zeros, is no gap: the subspace is not defined there)
+        has_gap = theta[:, r] >= (1 + settings.subspace_gap) * theta[:, r - 1].clamp_min(0) + 1e3 * delta_a
         world_error = 2 * theta[:, r].clamp_min(0).sqrt() * rho2[:, :r].sum(-1).sqrt() / gap_r.clamp_min(
             torch.finfo(gram.dtype).tiny
         )
@@ -225,10 +255,7 @@ def smallest_eigenpairs(gram: torch.Tensor, r: int, settings: SolverSettings = S
 
         if bool(done.any()):
             done_index = torch.nonzero(done).flatten()
-            m = best[done_index] + r  # 1-based m
-            mu = mus[done_index, best[done_index]]
-            count, ok = count_eigenvalues_below(gram_a[done_index], mu)
-            passed = ok & (count == m)
+            passed, count, m, ok = certify(gram_a[done_index], theta[done_index], best[done_index], mus[done_index], r)
             global_index = active[done_index]
             vectors[global_index] = block_a[done_index, :, :r]
             values[global_index] = theta[done_index, :r]
