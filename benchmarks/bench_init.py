@@ -130,7 +130,11 @@ def main() -> None:
     parser.add_argument("--accuracy-matrices", type=int, default=4)
     parser.add_argument("--no-load", action="store_true", help="Skip the save/load timing (halves the run time).")
     parser.add_argument("--shape-table", action="store_true", help="Also time the truncation alone per matrix shape.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (1 = steadier timings on a CPU shared with other jobs).")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = llama_config(args.preset, args.layers)
     dtype = dtype_of(args.dtype)
     methods = args.methods.split(",")

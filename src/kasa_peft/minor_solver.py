@@ -136,6 +136,16 @@ def energy_bounds(theta, rho2, r, lower, delta):
     return bound, mu
 
 
+def _triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+
+
+def _apply_inverse(lower_inverse: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """(G − sI)⁻¹·block = L⁻ᵀ(L⁻¹·block)."""
+    return lower_inverse.mT @ (lower_inverse @ block)
+
+
 def certify(gram: torch.Tensor, theta: torch.Tensor, best: torch.Tensor, mus: torch.Tensor, r: int):
     """Sylvester-inertia check of the chosen candidate m = best + r: exactly m eigenvalues of G below μ_m?
 
@@ -195,6 +205,9 @@ def smallest_eigenpairs(
         start = torch.randn(b, k, p, dtype=gram.dtype, device=device, generator=generator)
     block = torch.linalg.qr(start.to(gram.dtype)).Q
 
+    # A·X = L⁻ᵀ(L⁻¹X) with an explicit L⁻¹: two batched matmuls per step instead of cholesky_solve, which copies
+    # the batch of factors into LAPACK layout on every call (measured: most of its time on the CPU).
+    factor = _triangular_inverse(factor)
     active = torch.nonzero(info == 0).flatten()
     for index in torch.nonzero(info != 0).flatten().tolist():
         reasons[index] = "Cholesky factorisation of the shifted Gram matrix failed"
@@ -214,10 +227,10 @@ def smallest_eigenpairs(
         # (Chebyshev-like acceleration without estimating a spectral interval), then a thick restart on p vectors.
         degree = min(settings.krylov_degree, settings.max_iterations - steps)
         basis = [block_a]
-        nxt = torch.cholesky_solve(residual_a, factor_a)  # A·R spans the same as A·X, without its large x_1 part
+        nxt = _apply_inverse(factor_a, residual_a)  # A·R spans the same as A·X, without its large x_1 part
         for j in range(degree):
             if j:
-                nxt = torch.cholesky_solve(basis[-1], factor_a)
+                nxt = _apply_inverse(factor_a, basis[-1])
             previous = torch.cat(basis, dim=-1)
             for _ in range(2):  # classical Gram–Schmidt, twice is enough
                 nxt = nxt - previous @ (previous.mT @ nxt)
@@ -277,14 +290,15 @@ def smallest_eigenpairs(
             new_shift = torch.maximum(t1 - margin, shift_a[move_index])
             new_factor, new_info = torch.linalg.cholesky_ex(gram_a[move_index] - new_shift[:, None, None] * eye)
             good = new_info == 0
-            factor_a[move_index[good]] = new_factor[good]
+            factor_a[move_index[good]] = _triangular_inverse(new_factor[good])
             shift_a[move_index[good]] = new_shift[good]
             shifted[move_index] = True
 
-        keep = ~done
-        active, gram_a, factor_a, block_a = active[keep], gram_a[keep], factor_a[keep], block_a[keep]
-        residual_a = residual_a[keep]
-        shift_a, delta_a, shifted = shift_a[keep], delta_a[keep], shifted[keep]
+        if bool(done.any()):  # (re-indexing copies the batch of Gram matrices: only when something finished)
+            keep = ~done
+            active, gram_a, factor_a, block_a = active[keep], gram_a[keep], factor_a[keep], block_a[keep]
+            residual_a = residual_a[keep]
+            shift_a, delta_a, shifted = shift_a[keep], delta_a[keep], shifted[keep]
 
     for index in active.tolist():
         iterations[index] = steps
