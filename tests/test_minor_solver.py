@@ -306,3 +306,27 @@ def test_real_pretrained_weights(source, suffixes):
     assert report.certified == len(weights), report.fallback_reasons
     for weight, minor in zip(weights, minors):
         _check_against_svd(weight, minor, 16)
+
+
+def test_kasa_model_with_the_krylov_method_equals_the_dense_method():
+    """End to end through get_kasa_model: same buffers as gram_eigh (up to float64 round-off and sign/rotation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kasa_peft import KasaConfig, get_kasa_model
+
+    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    wrapped = {}
+    for method in ("krylov", "gram_eigh"):
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base.state_dict())
+        wrapped[method] = get_kasa_model(model, KasaConfig(r=4, target_modules="all-linear", truncation_method=method))
+    dense = {n: m for n, m in wrapped["gram_eigh"].named_modules() if hasattr(m, "minor_vh")}
+    krylov = {n: m for n, m in wrapped["krylov"].named_modules() if hasattr(m, "minor_vh")}
+    assert dense.keys() == krylov.keys() and len(dense) == 7
+    for name, adapter in krylov.items():
+        product = adapter.minor_u_sigma.double() @ adapter.minor_vh.double()
+        reference = dense[name].minor_u_sigma.double() @ dense[name].minor_vh.double()
+        assert float((product - reference).norm()) <= 1e-5 * float(reference.norm()), name
