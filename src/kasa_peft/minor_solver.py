@@ -2,16 +2,18 @@
 
 KaSA needs only the r minor singular triplets of each weight, i.e. the r smallest eigenpairs of its Gram matrix
 ``G`` (k × k, symmetric positive semi-definite, float64). A dense ``eigh`` computes all k of them (≈ 9k³ flops);
-this module computes r of them by **shift-invert block subspace iteration** and then **proves** what it found:
+this module computes r of them by **shift-invert block Krylov iteration** and then **proves** what it found:
 
 Iteration (batched over same-shaped matrices)::
 
     L Lᵀ = G − s I                      (Cholesky; s < λ_1 so the factor exists; first s = −2δ handles singular G)
-    X ← qr( (G − s I)⁻¹ X )             (cholesky_solve + QR, block of p = r + oversample columns)
-    every few steps: Rayleigh–Ritz      Θ, Z = eigh(XᵀGX),  X ← XZ,  R = GX − XΘ
+    A = (G − s I)⁻¹ = L⁻ᵀL⁻¹            (explicit triangular inverse: two batched matmuls per application)
+    span{X, A·R, A²·R, A³·R}            (R = GX − XΘ; re-orthogonalised; same span as {X, AX, …} but without
+                                         the round-off of A's huge x_1 component)
+    Rayleigh–Ritz on the span           Θ, Z = eigh(QᵀGQ), thick restart X ← (QZ)[:, :p], p = r + oversample
 
 The shift is moved once, just below the first Ritz value, after the first Rayleigh–Ritz step: the convergence
-rate of the r-th vector is (λ_r − s)/(λ_{p+1} − s), so a shift near λ_1 is what makes dense minor spectra
+rate of the r-th vector is governed by (λ_r − s)/(λ_{p+1} − s), so a shift near λ_1 is what makes dense minor spectra
 (σ_r/σ_{r+1} ≈ 0.998 in real weights) converge in a few steps.
 
 Certificate (rigorous up to float64 round-off δ = 4·k·ε·‖G‖_F, which is also the accuracy of ``G`` itself).
@@ -236,7 +238,6 @@ def smallest_eigenpairs(
                 nxt = nxt - previous @ (previous.mT @ nxt)
             basis.append(torch.linalg.qr(nxt).Q)
         steps += degree
-        step = steps
         # A QR of the whole span keeps it orthonormal even where a new block was all round-off (e.g. null spaces):
         # the Ritz values and the certificate are only valid for an orthonormal basis.
         span = torch.linalg.qr(torch.cat(basis, dim=-1)).Q
@@ -272,7 +273,7 @@ def smallest_eigenpairs(
             global_index = active[done_index]
             vectors[global_index] = block_a[done_index, :, :r]
             values[global_index] = theta[done_index, :r]
-            iterations[global_index] = step
+            iterations[global_index] = steps
             certified[global_index] = passed
             energy_bound[global_index] = torch.where(passed, best_bound[done_index], float("inf"))
             for g, c, want, good in zip(global_index.tolist(), count.tolist(), m.tolist(), ok.tolist()):
