@@ -1,10 +1,13 @@
-"""Init and load time of KaSA adapters: kasa_peft (Gram+eigh fast path, float64 SVD path) vs PEFT's KaSA and LoRA.
+"""Init and load time of KaSA adapters: kasa_peft (certified Krylov path, Gram+eigh path, float64 SVD path) vs
+PEFT's KaSA and LoRA, timed interleaved (round-robin over methods, ``--repeats`` rounds) in one process.
 
-    python benchmarks/bench_init.py --preset smollm2-135m --ranks 16                 # CPU
-    python benchmarks/bench_init.py --preset llama7b --device cuda --dtype bf16 --ranks 8,16,32   # H100 target
+    python benchmarks/bench_init.py --preset smollm2-135m --ranks 16 --repeats 3        # CPU
+    python benchmarks/bench_init.py --preset llama7b --device cuda --dtype bf16 --ranks 8,16,32   # GPU target
 
-Prints a table and writes benchmarks/results/init-<device>-<time>.json. Also checks, on a few of the same
-matrices, that the fast path's dropped component matches a float64 full SVD.
+Prints a table and writes benchmarks/results/init-<device>-<time>.json. Also: per matrix shape, the truncation
+alone (all same-shaped weights of the model, batched as at init) by the dense ``gram_eigh`` path vs the ``krylov``
+path with its block solves and certified/fallback counts (``--shape-table``, interleaved too), and, on a few of the
+same matrices, the dropped component of both fast paths against a float64 full SVD.
 """
 
 from __future__ import annotations
@@ -19,9 +22,17 @@ from transformers import LlamaForCausalLM
 from common import PRESETS, dtype_of, llama_config, machine_info, median, timed, write_json
 from kasa_peft import KasaConfig, KasaModel, get_kasa_model
 from kasa_peft.layer import weight_matrix
-from kasa_peft.spectral import minor_components_gram_eigh, minor_components_svd, principal_angle_cosine
+from kasa_peft.spectral import (
+    TruncationReport,
+    minor_components_gram_eigh,
+    minor_components_krylov,
+    minor_components_svd,
+    principal_angle_cosine,
+    truncate_many,
+)
 
-METHODS = ("kasa-fast", "kasa-svd", "peft-kasa", "peft-lora")
+METHODS = ("kasa-krylov", "kasa-fast", "kasa-svd", "peft-kasa", "peft-lora")
+TRUNCATION = {"kasa-krylov": "krylov", "kasa-fast": "gram_eigh", "kasa-svd": "svd"}
 
 
 def build(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -35,8 +46,8 @@ def wrap(method: str, model, r: int):
     from peft.tuners.lora import KasaConfig as PeftKasaConfig
 
     if method.startswith("kasa"):
-        truncation = "gram_eigh" if method == "kasa-fast" else "svd"
-        return get_kasa_model(model, KasaConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", truncation_method=truncation))
+        config = KasaConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", truncation_method=TRUNCATION[method])
+        return get_kasa_model(model, config)
     kasa = PeftKasaConfig() if method == "peft-kasa" else None
     return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", kasa_config=kasa))
 
@@ -63,16 +74,47 @@ def accuracy(model, r: int, count: int) -> list[dict]:
                 continue
             seen.add(shape)
             w = weight_matrix(module).detach().double().cpu()
-            ref, fast = minor_components_svd(w, r), minor_components_gram_eigh(w, r)
+            ref = minor_components_svd(w, r)
             optimum = float(ref.singular_values.square().sum().sqrt())
-            rows.append({
-                "module": name, "shape": list(shape),
-                "relative_error_of_dropped": float(torch.linalg.matrix_norm(fast.product() - ref.product())) / optimum,
-                "min_principal_cosine": principal_angle_cosine(fast.minor_vh.T, ref.minor_vh.T),
-                "energy_ratio": float(torch.linalg.matrix_norm(fast.product())) / optimum,
-            })
-            if len(rows) >= count:
+            for path, fast in (("gram_eigh", minor_components_gram_eigh(w, r)), ("krylov", minor_components_krylov(w, r))):
+                rows.append({
+                    "module": name, "shape": list(shape), "path": path,
+                    "relative_error_of_dropped": float(torch.linalg.matrix_norm(fast.product() - ref.product())) / optimum,
+                    "min_principal_cosine": principal_angle_cosine(fast.minor_vh.T, ref.minor_vh.T),
+                    "energy_ratio": float(torch.linalg.matrix_norm(fast.product())) / optimum,
+                })
+            if len(rows) >= 2 * count:
                 break
+    return rows
+
+
+def shape_table(model, r: int, device: str, repeats: int) -> list[dict]:
+    """Per weight shape: truncation of all same-shaped targets (batched as at init), dense vs krylov, interleaved."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            groups.setdefault(tuple(module.weight.shape), []).append(weight_matrix(module).detach())
+    rows = []
+    for shape, weights in groups.items():
+        times = {"gram_eigh": [], "krylov": []}
+        report = TruncationReport()
+        for _ in range(repeats):
+            for method in times:
+                report = TruncationReport()
+                seconds, _ = timed(lambda: truncate_many(weights, r, method, report=report), device)
+                times[method].append(seconds)
+        iterations = sorted(report.iterations)
+        row = {"shape": list(shape), "count": len(weights), "dense_s": median(times["gram_eigh"]),
+               "krylov_s": median(times["krylov"]), "dense_all_s": times["gram_eigh"], "krylov_all_s": times["krylov"],
+               "certified": report.certified, "fallback": report.fallback, "direct": report.direct,
+               "block_solves_min": iterations[0] if iterations else None,
+               "block_solves_median": iterations[len(iterations) // 2] if iterations else None,
+               "block_solves_max": iterations[-1] if iterations else None}
+        row["krylov_vs_dense"] = row["krylov_s"] / row["dense_s"]
+        rows.append(row)
+        print(f"  {str(shape):14s} ×{len(weights):3d}  dense {row['dense_s']:7.3f} s  krylov {row['krylov_s']:7.3f} s "
+              f"({row['krylov_vs_dense']:.2f}×)  block solves {row['block_solves_min']}–{row['block_solves_max']}  "
+              f"certified {report.certified}  fallback {report.fallback}  direct {report.direct}", flush=True)
     return rows
 
 
@@ -84,45 +126,68 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="Interleaved rounds (each round times every method once).")
     parser.add_argument("--accuracy-matrices", type=int, default=4)
+    parser.add_argument("--no-load", action="store_true", help="Skip the save/load timing (halves the run time).")
+    parser.add_argument("--shape-table", action="store_true", help="Also time the truncation alone per matrix shape.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (1 = steadier timings on a CPU shared with other jobs).")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = llama_config(args.preset, args.layers)
     dtype = dtype_of(args.dtype)
+    methods = args.methods.split(",")
     pristine = build(config, args.device, dtype)
     # Warm-up on a one-layer model of the same widths: first-call costs (kernels, lazy imports) stay out of the rows.
     warm = build(llama_config(args.preset, 1), args.device, dtype)
-    for method in args.methods.split(","):
+    for method in methods:
         wrap(method, copy.deepcopy(warm), int(args.ranks.split(",")[0]))
     rows = []
     for r in [int(x) for x in args.ranks.split(",")]:
-        for method in args.methods.split(","):
-            init_times, load_times = [], []
-            for _ in range(args.repeats):
+        init_times = {method: [] for method in methods}
+        load_times = {method: [] for method in methods}
+        for round_index in range(args.repeats):  # round-robin: machine noise hits every method alike
+            for method in methods:
                 seconds, wrapped = timed(lambda: wrap(method, copy.deepcopy(pristine), r), args.device)
-                init_times.append(seconds)
-                load_times.append(load_time(method, wrapped, copy.deepcopy(pristine), args.device))
+                init_times[method].append(seconds)
+                if not args.no_load:
+                    load_times[method].append(load_time(method, wrapped, copy.deepcopy(pristine), args.device))
                 del wrapped
-            rows.append({"method": method, "r": r, "init_s": median(init_times), "load_s": median(load_times),
-                         "init_all_s": init_times, "load_all_s": load_times})
-            print(f"r={r:3d} {method:10s} init {median(init_times):8.3f} s   load {median(load_times):8.3f} s", flush=True)
+                print(f"round {round_index} r={r:3d} {method:11s} init {seconds:8.3f} s", flush=True)
+        for method in methods:
+            rows.append({"method": method, "r": r, "init_s": median(init_times[method]),
+                         "load_s": median(load_times[method]) if load_times[method] else None,
+                         "init_all_s": init_times[method], "load_all_s": load_times[method]})
     by_key = {(row["method"], row["r"]): row for row in rows}
     for row in rows:
         peft_kasa = by_key.get(("peft-kasa", row["r"]))
         if peft_kasa and row["method"].startswith("kasa"):
             row["init_speedup_vs_peft_kasa"] = peft_kasa["init_s"] / row["init_s"]
-            row["load_speedup_vs_peft_kasa"] = peft_kasa["load_s"] / row["load_s"]
-    checks = accuracy(pristine, int(args.ranks.split(",")[0]), args.accuracy_matrices)
+            row["init_ratio_to_peft_kasa"] = row["init_s"] / peft_kasa["init_s"]
+            # Ratio within each round (same machine state), then the median over rounds.
+            row["init_ratio_to_peft_kasa_per_round"] = [a / b for a, b in zip(row["init_all_s"], peft_kasa["init_all_s"])]
+            if row["load_s"] is not None and peft_kasa["load_s"]:
+                row["load_speedup_vs_peft_kasa"] = peft_kasa["load_s"] / row["load_s"]
+    first_r = int(args.ranks.split(",")[0])
+    shapes = None
+    if args.shape_table:
+        print("\nper matrix shape (truncation only, r = %d):" % first_r)
+        shapes = shape_table(pristine, first_r, args.device, max(1, args.repeats))
+    checks = accuracy(pristine, first_r, args.accuracy_matrices)
     payload = {"benchmark": "init", "machine": machine_info(args.device), "preset": args.preset,
-               "layers": config.num_hidden_layers, "dtype": args.dtype, "results": rows, "fast_path_accuracy": checks}
-    print("\nmethod      r   init s   load s   init× vs peft-kasa  load× vs peft-kasa")
+               "layers": config.num_hidden_layers, "dtype": args.dtype, "repeats": args.repeats, "results": rows,
+               "shape_table": shapes, "fast_path_accuracy": checks}
+    nan = float("nan")
+    print("\nmethod       r   init s   load s   init / peft-kasa (median of per-round ratios)")
     for row in rows:
-        print(f"{row['method']:10s} {row['r']:3d} {row['init_s']:8.3f} {row['load_s']:8.3f}"
-              f"   {row.get('init_speedup_vs_peft_kasa', float('nan')):8.2f}           {row.get('load_speedup_vs_peft_kasa', float('nan')):8.2f}")
-    print("\nfast path vs float64 SVD:")
+        per_round = row.get("init_ratio_to_peft_kasa_per_round")
+        print(f"{row['method']:11s} {row['r']:3d} {row['init_s']:8.3f} {row['load_s'] or nan:8.3f}"
+              f"   {median(per_round) if per_round else nan:8.3f}")
+    print("\nfast paths vs float64 SVD:")
     for check in checks:
-        print(f"  {check['module']:40s} {check['shape']}  rel.err {check['relative_error_of_dropped']:.1e}"
-              f"  cos {check['min_principal_cosine']:.6f}  energy {check['energy_ratio']:.6f}")
+        print(f"  {check['module']:34s} {check['path']:9s} {check['shape']}  rel.err {check['relative_error_of_dropped']:.1e}"
+              f"  cos {check['min_principal_cosine']:.6f}  energy {check['energy_ratio']:.9f}")
     print(f"\nwrote {write_json('init', payload)}")
 
 

