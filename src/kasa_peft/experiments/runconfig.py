@@ -57,6 +57,9 @@ class RunConfig:
     num_beams: int | None = field(default=None, metadata={"help": "Beam width; default per task: E2E 10 (LoRA paper), commonsense 4 (LLM-Adapters), instruction 1."})
     max_new_tokens: int = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
+    truncation_guard: str | None = field(default=None, metadata={"help": "kasa only: off, warn or skip (KasaConfig.truncation_guard); default: the library's."})
+    truncation_basis: str = field(default="weight", metadata={"help": "kasa only: weight (the paper) or activation (research variant, not the paper's method)."})
+    calibration_examples: int = field(default=16, metadata={"help": "kasa only: training examples fed to the truncation guard / activation basis (first N)."})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
