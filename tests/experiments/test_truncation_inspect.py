@@ -87,3 +87,31 @@ def test_truncation_plot_and_report_hook(tmp_path):
     text = Path(report).read_text()
     assert "what KaSA's truncation does before training" in text and "truncation.png" in text
     assert (tmp_path / "out" / "truncation.png").read_bytes().startswith(PNG)
+
+
+def test_harness_passes_guard_and_basis_through_to_kasa():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from kasa_peft.experiments.methods import AdapterSettings, prepare_model
+    from kasa_peft.experiments.runconfig import RunConfig
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, max_position_embeddings=32, num_labels=2))
+    batches = [{"input_ids": torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0))}]
+    settings = AdapterSettings(r=2, target_modules=["query", "value"], modules_to_save=["classifier"],
+                               truncation_guard="off", truncation_basis="activation", calibration_batches=batches)
+    prepared = prepare_model(bert, "kasa", settings)
+    config = prepared.model.peft_config["default"]
+    assert (config.truncation_guard, config.truncation_basis) == ("off", "activation")
+    assert any("not the paper's method" in note for note in prepared.notes)
+    assert RunConfig(truncation_basis="activation", truncation_guard="skip").to_dict()["truncation_basis"] == "activation"
+
+
+@pytest.mark.parametrize("field, value", [("truncation_guard", "loud"), ("truncation_basis", "input")])
+def test_run_config_refuses_unknown_guard_or_basis(field, value):
+    from kasa_peft.experiments.runconfig import RunConfig
+
+    with pytest.raises(ValueError, match=f"{field} must be one of"):
+        RunConfig(**{field: value})

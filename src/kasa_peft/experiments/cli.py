@@ -166,6 +166,8 @@ def inspect(
     data: Optional[Path] = typer.Option(None, help="Calibration text: .txt (paragraphs) or .jsonl ('text'); default: a built-in English paragraph."),
     per_module_loss: bool = typer.Option(False, "--per-module-loss", help="Also the loss change with only that module truncated (one pass each)."),
     basis: str = typer.Option("weight", help="weight (the paper) or activation (research variant, not the paper's method)."),
+    basis_data: Optional[Path] = typer.Option(None, help="--basis activation: texts to fit the basis on (default: --data); measure on held-out text."),
+    activation_damping: float = typer.Option(0.01, help="--basis activation: damping δ of the input second moment."),
     threshold: float = typer.Option(0.1, help="Flag modules whose relative output change exceeds this."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (a run dir: its truncation_report.json)."),
 ) -> None:
@@ -176,7 +178,8 @@ def inspect(
     target_list = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     try:
         result, meta = inspect_truncation(model, target_list, r=r, data=data, per_module_loss=per_module_loss,
-                                          basis=basis, max_output_change=threshold)
+                                          basis=basis, max_output_change=threshold, basis_data=basis_data,
+                                          activation_damping=activation_damping)
     except _USER_ERRORS as error:
         _fail(error)
     console.print(rich_table(result, f"KaSA truncation of {model} (r={r}, {basis} basis, nothing trained)"))

@@ -92,20 +92,32 @@ def inspect_truncation(
     basis: str = "weight",
     max_output_change: float = 0.1,
     max_length: int = 512,
+    basis_data: str | Path | None = None,
+    activation_damping: float = 0.01,
 ) -> tuple[TruncationReport, dict[str, Any]]:
-    """Returns the report and a description of what was measured (model, targets, r, data)."""
+    """Returns the report and a description of what was measured (model, targets, r, data).
+
+    ``basis_data``: texts the activation basis is fitted on (default: ``data`` itself; pass other texts to measure
+    on held-out data).
+    """
     texts = load_calibration_texts(data)
     loaded, causal = _load(model)
     batches = calibration_batches(loaded.tokenizer, texts, causal, max_length=max_length)
+    fit_batches = None
+    if basis == "activation":
+        fit_batches = batches if basis_data is None else calibration_batches(
+            loaded.tokenizer, load_calibration_texts(basis_data), causal, max_length=max_length)
     config = KasaConfig(r=r, target_modules=targets, truncation_guard="off", truncation_basis=basis,
-                        truncation_guard_max_output_change=max_output_change)
+                        truncation_guard_max_output_change=max_output_change, activation_damping=activation_damping)
     torch.manual_seed(0)
-    kasa_model = get_kasa_model(loaded.model, config, calibration_batches=batches if basis == "activation" else None)
+    kasa_model = get_kasa_model(loaded.model, config, calibration_batches=fit_batches)
     report = kasa_model.truncation_report(batches, per_module_loss=per_module_loss)
     meta = {
         "model": describe(loaded), "targets": targets, "r": r, "basis": basis, "causal_lm": causal,
         "data": str(data) if data is not None else "built-in English paragraph", "texts": len(texts),
     }
+    if basis == "activation":
+        meta.update(basis_data=str(basis_data) if basis_data is not None else meta["data"], activation_damping=activation_damping)
     return report, meta
 
 

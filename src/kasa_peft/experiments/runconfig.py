@@ -66,6 +66,12 @@ class RunConfig:
             raise ValueError(f"Unknown method {self.method!r}; choose from {', '.join(METHODS)}.")
         if self.task not in TASK_FAMILIES:
             raise ValueError(f"Unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)}.")
+        from kasa_peft.config import TRUNCATION_BASES, TRUNCATION_GUARDS
+
+        if self.truncation_guard is not None and self.truncation_guard not in TRUNCATION_GUARDS:
+            raise ValueError(f"truncation_guard must be one of {', '.join(TRUNCATION_GUARDS)}, got {self.truncation_guard!r}.")
+        if self.truncation_basis not in TRUNCATION_BASES:
+            raise ValueError(f"truncation_basis must be one of {', '.join(TRUNCATION_BASES)}, got {self.truncation_basis!r}.")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
