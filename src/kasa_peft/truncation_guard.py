@@ -29,7 +29,7 @@ from .layer import weight_matrix
 from .spectral import MinorComponents, truncate_many
 from .truncation_report import (
     TruncationReport,
-    _unwrap,
+    signature_model,
     check_calibration_batches,
     collect_layer_statistics,
     measure_truncation,
@@ -86,7 +86,7 @@ def plan_truncation(
     needs_data = config.truncation_basis == "activation" or config.truncation_guard == "skip"
     batches = None
     if calibration_batches is not None:
-        batches = check_calibration_batches(calibration_batches, _unwrap(model))
+        batches = check_calibration_batches(calibration_batches, signature_model(model))
     elif needs_data:
         what = "truncation_basis='activation'" if config.truncation_basis == "activation" else "truncation_guard='skip'"
         raise ValueError(

@@ -141,7 +141,7 @@ def _tokens_of(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- forward plumbing
-def _unwrap(model: nn.Module) -> nn.Module:
+def signature_model(model: nn.Module) -> nn.Module:
     """The model whose forward signature counts (a KasaModel forwards to its base model)."""
     return getattr(model, "base_model", model) if hasattr(model, "kasa_layers") else model
 
@@ -194,7 +194,7 @@ def _run(model: nn.Module, batches: list[dict], want_loss: bool, on_batch=None) 
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(
-                f"calibration batch {index} does not fit the model ({type(_unwrap(model)).__name__}): "
+                f"calibration batch {index} does not fit the model ({type(signature_model(model)).__name__}): "
                 f"{type(error).__name__}: {first_line}"
             ) from None
         loss = getattr(output, "loss", None) if not isinstance(output, Mapping) else output.get("loss")
@@ -288,7 +288,7 @@ def measure_truncation(
     """Build the report for base ``layers`` (name → frozen Linear/Conv1D) and their dropped parts ``minors``
     (``None`` for a module kept untruncated). ``model`` is what gets called on the batches (a KasaModel or a plain
     model; adapters are disabled while measuring). Modules over a threshold are ``flagged``."""
-    batches = check_calibration_batches(batches, _unwrap(model))
+    batches = check_calibration_batches(batches, signature_model(model))
     truncated = {name: minor for name, minor in minors.items() if minor is not None}
     stats, loss_original = collect_layer_statistics(model, layers, batches, truncated)
     loss_truncated = truncated_loss(model, layers, truncated, batches) if loss_original is not None else None
