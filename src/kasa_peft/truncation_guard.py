@@ -120,10 +120,13 @@ def plan_truncation(
             basis=config.truncation_basis,
         )
         flagged = report.flagged_modules()
+        loss = ""
+        if report.loss_change is not None:
+            loss = f" (calibration loss {report.loss_original:.3f} → {report.loss_truncated:.3f} with every module truncated)"
         if flagged and config.truncation_guard == "warn":
             warnings.warn(
                 f"KaSA truncation guard: {len(flagged)} of {len(names)} modules change by more than the threshold "
-                f"(max output change {config.truncation_guard_max_output_change}) on the calibration data: "
+                f"(max output change {config.truncation_guard_max_output_change}) on the calibration data{loss}: "
                 f"{_format_flagged(report)}. Truncating them anyway (truncation_guard='warn'); set "
                 "truncation_guard='skip' to keep them whole, or 'off' to silence this.",
                 TruncationGuardWarning,
@@ -132,7 +135,7 @@ def plan_truncation(
         elif flagged:
             warnings.warn(
                 f"KaSA truncation guard: keeping {len(flagged)} of {len(names)} modules untruncated "
-                f"(truncation_guard='skip'): {_format_flagged(report)}.",
+                f"(truncation_guard='skip'){loss}: {_format_flagged(report)}.",
                 TruncationGuardWarning,
                 stacklevel=4,
             )
