@@ -10,6 +10,7 @@ import torch
 from _factories import CASE_IDS, CASES, ModelCase
 
 import kasa_peft.base_layers as base_layers_module
+import kasa_peft.model as kasa_model_module
 from kasa_peft import KasaConfig, KasaModel, get_kasa_model
 from kasa_peft.layer import KasaLayer, weight_matrix
 from kasa_peft.spectral import minor_components_svd
@@ -123,7 +124,9 @@ def test_save_load_roundtrip_needs_no_svd(case, tmp_path, monkeypatch):
     def no_svd(*args, **kwargs):
         raise AssertionError("loading a saved adapter must not run a truncation")
 
+    # The truncation runs through model.plan_truncation → base_layers.truncate_layers → truncate_many.
     monkeypatch.setattr(base_layers_module, "truncate_many", no_svd)
+    monkeypatch.setattr(kasa_model_module, "plan_truncation", no_svd)
     torch.manual_seed(1234)  # a different seed must not matter on reload
     loaded = KasaModel.from_pretrained(copy.deepcopy(original), tmp_path)
     assert torch.equal(case.output(loaded, inputs), expected)

@@ -15,6 +15,8 @@ from .spectral import TRUNCATION_METHODS
 CONFIG_NAME = "kasa_config.json"
 REGULARIZATION_FORMS = ("paper", "authors")
 ADAPTER_TYPES = ("kasa", "lora")
+TRUNCATION_GUARDS = ("off", "warn", "skip")
+TRUNCATION_BASES = ("weight", "activation")
 
 
 @dataclass
@@ -72,6 +74,52 @@ class KasaConfig:
         default="kasa",
         metadata={"help": "'kasa', or 'lora' for a plain LoRA adapter (no truncation, no σ) living in the same model."},
     )
+    truncation_guard: Literal["off", "warn", "skip"] = field(
+        default="warn",
+        metadata={
+            "help": "What to do, when calibration_batches are passed at creation, with modules whose truncation "
+            "changes their calibration output by more than truncation_guard_max_output_change (or, if set, the "
+            "calibration loss by more than truncation_guard_max_loss_increase): 'off' (the paper: truncate all, "
+            "measure nothing), 'warn' (truncate all, warn naming them), 'skip' (keep those modules untruncated; "
+            "they are recorded in truncation_skipped_modules). See docs/truncation.md."
+        },
+    )
+    truncation_guard_max_output_change: float = field(
+        default=0.1,
+        metadata={
+            "help": "Guard threshold in (0, 1): largest allowed relative output change ||W_minor X||_F / ||W X||_F "
+            "of one module on the calibration inputs X."
+        },
+    )
+    truncation_guard_max_loss_increase: float | None = field(
+        default=None,
+        metadata={
+            "help": "Optional second guard threshold (> 0): largest allowed calibration-loss increase when only that "
+            "module is truncated (one extra forward pass per module; the batches need labels)."
+        },
+    )
+    truncation_basis: Literal["weight", "activation"] = field(
+        default="weight",
+        metadata={
+            "help": "'weight' (the paper): drop the r smallest singular triplets of W. 'activation' (research "
+            "variant, NOT the paper's method): drop the r minor components of W·C^{1/2}, C the input second moment "
+            "on calibration_batches (required). See kasa_peft.activation_basis."
+        },
+    )
+    activation_damping: float = field(
+        default=0.01,
+        metadata={
+            "help": "truncation_basis='activation' only: C is damped to C + δ·mean(eig C)·I; δ > 0. Large δ tends to "
+            "the weight basis."
+        },
+    )
+    truncation_skipped_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Full module paths kept untruncated (their adapter still trains, σ included). Filled in by "
+            "truncation_guard='skip' and saved with the adapter, so loading reproduces it; may also be set by hand."
+        },
+    )
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Recorded for provenance only."})
 
     def __post_init__(self) -> None:
@@ -91,6 +139,35 @@ class KasaConfig:
             )
         if self.adapter_type not in ADAPTER_TYPES:
             raise ValueError(f"KasaConfig.adapter_type must be one of {ADAPTER_TYPES}, got {self.adapter_type!r}.")
+        if self.truncation_guard not in TRUNCATION_GUARDS:
+            raise ValueError(f"KasaConfig.truncation_guard must be one of {TRUNCATION_GUARDS}, got {self.truncation_guard!r}.")
+        threshold = self.truncation_guard_max_output_change
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) < 1.0:
+            raise ValueError(
+                f"KasaConfig.truncation_guard_max_output_change must be a number in (0, 1), got {threshold!r}."
+            )
+        loss_threshold = self.truncation_guard_max_loss_increase
+        if loss_threshold is not None and (
+            isinstance(loss_threshold, bool) or not isinstance(loss_threshold, (int, float)) or not float(loss_threshold) > 0
+            or loss_threshold == float("inf")
+        ):
+            raise ValueError(
+                f"KasaConfig.truncation_guard_max_loss_increase must be None or a finite number > 0, got {loss_threshold!r}."
+            )
+        if self.truncation_basis not in TRUNCATION_BASES:
+            raise ValueError(f"KasaConfig.truncation_basis must be one of {TRUNCATION_BASES}, got {self.truncation_basis!r}.")
+        damping = self.activation_damping
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < float(damping) < float("inf"):
+            raise ValueError(f"KasaConfig.activation_damping must be a finite number > 0, got {damping!r}.")
+        if self.truncation_skipped_modules is not None:
+            if isinstance(self.truncation_skipped_modules, str) or not all(
+                isinstance(name, str) for name in self.truncation_skipped_modules
+            ):
+                raise ValueError(
+                    "KasaConfig.truncation_skipped_modules must be a list of module paths (strings), got "
+                    f"{self.truncation_skipped_modules!r}."
+                )
+            self.truncation_skipped_modules = sorted(set(self.truncation_skipped_modules))
         if self.target_modules is None:
             raise ValueError(
                 "KasaConfig.target_modules is required: pass module names (e.g. ['q_proj', 'v_proj']), a regex, "

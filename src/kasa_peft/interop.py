@@ -158,6 +158,12 @@ def export_peft_checkpoint(
             f"Adapter {name!r} was trained without truncation (truncate=False), but PEFT's KaSA always truncates the "
             "base on load, so it would compute something else; export it with format='lora' (exact)."
         )
+    if format == "kasa" and (config.truncation_skipped_modules or config.truncation_basis != "weight"):
+        # PEFT re-derives the weight-basis truncation of every module on load: it would not reproduce this adapter.
+        raise ValueError(
+            f"Adapter {name!r} keeps modules untruncated or uses the activation basis, which PEFT's KaSA cannot "
+            "represent; export it with format='lora' (exact)."
+        )
     if config.modules_to_save:
         raise ValueError("Exporting modules_to_save to PEFT is not supported yet; export the adapter without them.")
     tensors: dict[str, torch.Tensor] = {}
@@ -186,6 +192,9 @@ def export_peft_checkpoint(
             if adapter.truncate:
                 lora_a.append(adapter.minor_vh)
                 lora_b.append(-adapter.minor_u_sigma)
+            elif config.uses_truncation:  # a module kept untruncated: zero factors keep every module at rank 2r
+                lora_a.append(torch.zeros_like(adapter.lora_A))
+                lora_b.append(torch.zeros_like(adapter.lora_B))
             # PEFT keeps (r × in) / (out × r) factors for fan_in_fan_out (Conv1D) layers too: no transpose needed.
             tensors[prefix + "lora_A.weight"] = torch.cat(lora_a, 0)
             tensors[prefix + "lora_B.weight"] = torch.cat(lora_b, 1)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,7 +17,11 @@ from . import base_layers
 from .layer import KasaAdapter, KasaLayer, ModulesToSaveWrapper, layer_shape
 from .regularization import kasa_regularization
 from .spectral import check_truncation_rank
+from .truncation_guard import plan_truncation
 from .targeting import find_modules_to_save, find_target_modules, get_submodule_parent
+
+if TYPE_CHECKING:
+    from .truncation_report import TruncationReport
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "sigma", "minor_u_sigma", "minor_vh")
 _MODULES_TO_SAVE_PREFIX = "modules_to_save."
@@ -33,7 +37,13 @@ class KasaModel(nn.Module):
     # flag (set by its own PEFT integration); a KasaModel always carries its adapters.
     _hf_peft_config_loaded = True
 
-    def __init__(self, model: nn.Module, config: KasaConfig | Any | None, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: KasaConfig | Any | None,
+        adapter_name: str = "default",
+        calibration_batches: Iterable[Mapping[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, KasaConfig] = {}
@@ -42,7 +52,7 @@ class KasaModel(nn.Module):
         # one for inference does not freeze the one being trained or any added later.
         self._inference_adapters: set[str] = set()
         if config is not None:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, calibration_batches=calibration_batches)
             self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ pass-through
@@ -93,14 +103,27 @@ class KasaModel(nn.Module):
             raise ValueError(f"Unknown adapter {name!r}; this model has {sorted(self.peft_config)}.")
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, adapter_name: str, config: KasaConfig | Any) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: KasaConfig | Any,
+        calibration_batches: Iterable[Mapping[str, Any]] | None = None,
+    ) -> None:
         """Add an adapter (not activated). ``config`` is a ``KasaConfig`` or a plain ``peft.LoraConfig``.
 
         KaSA adapters compute their truncation here (one batched float64 Gram + eigh per weight shape).
+        ``calibration_batches`` (dicts of model inputs) feed the truncation guard and the activation basis; see
+        :mod:`kasa_peft.truncation_guard`.
         """
-        self._inject(adapter_name, config, init="compute")
+        self._inject(adapter_name, config, init="compute", calibration_batches=calibration_batches)
 
-    def _inject(self, adapter_name: str, config: KasaConfig | Any, init: str) -> list[str]:
+    def _inject(
+        self,
+        adapter_name: str,
+        config: KasaConfig | Any,
+        init: str,
+        calibration_batches: Iterable[Mapping[str, Any]] | None = None,
+    ) -> list[str]:
         """Validate, then add the adapter to every target. ``init``: 'compute' (truncate), 'empty', or 'meta'."""
         if not isinstance(config, KasaConfig):
             config = config_from_peft_lora(config)
@@ -119,8 +142,11 @@ class KasaModel(nn.Module):
             for name, base in bases.items():
                 check_truncation_rank(config.r, layer_shape(base), name=f"module {name!r}")
             if init == "compute":
-                # Dequantised (bitsandbytes) or gathered (ZeRO-3) where needed; see kasa_peft.base_layers.
-                minors = base_layers.truncate_layers(bases, config.r, config.truncation_method)
+                # Basis, hand-kept modules and the guard (which may record more kept modules in the config).
+                # Quantised (bitsandbytes) and ZeRO-3 weights are dequantised/gathered via kasa_peft.base_layers.
+                plan = plan_truncation(self, bases, config, calibration_batches)
+                minors, config = plan.minors, plan.config
+        kept_whole = set(config.truncation_skipped_modules or ())
         for index, (name, layer) in enumerate(layers.items()):
             base = bases[name]
             out_features, in_features = layer_shape(base)
@@ -131,11 +157,11 @@ class KasaModel(nn.Module):
                 config.lora_alpha,
                 config.lora_dropout,
                 use_sigma=config.adapter_type == "kasa",
-                truncate=config.uses_truncation,
+                truncate=config.uses_truncation and name not in kept_whole,
                 dtype=base_layers.default_adapter_dtype(base),
                 device="meta" if init == "meta" else base.weight.device,
             )
-            if minors is not None:
+            if minors is not None and minors[index] is not None:
                 adapter.set_minor_components(minors[index])
             if not isinstance(layer, KasaLayer):
                 layer = KasaLayer(base)
@@ -303,6 +329,22 @@ class KasaModel(nn.Module):
             gamma=config.gamma,
             form=config.regularization_form,
         )
+
+    def truncation_report(
+        self,
+        batches: Iterable[Mapping[str, Any]],
+        adapter_name: str | None = None,
+        per_module_loss: bool = False,
+    ) -> "TruncationReport":
+        """What the truncation of one adapter (default: the active one) does on calibration ``batches``.
+
+        Per module: dropped weight energy, σ_max(W_minor)/σ_max(W), relative output change ‖W_minor X‖/‖W X‖;
+        for the model: calibration loss original vs truncated (and per module alone with ``per_module_loss``).
+        The model is not changed. See :mod:`kasa_peft.truncation_report`.
+        """
+        from .truncation_report import truncation_report
+
+        return truncation_report(self, batches, adapter_name=adapter_name, per_module_loss=per_module_loss)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -484,6 +526,16 @@ class KasaModel(nn.Module):
         return kasa_model
 
 
-def get_kasa_model(model: nn.Module, config: KasaConfig, adapter_name: str = "default") -> KasaModel:
-    """Wrap ``model`` with a new, trainable KaSA adapter (the counterpart of ``peft.get_peft_model``)."""
-    return KasaModel(model, config, adapter_name=adapter_name)
+def get_kasa_model(
+    model: nn.Module,
+    config: KasaConfig,
+    adapter_name: str = "default",
+    calibration_batches: Iterable[Mapping[str, Any]] | None = None,
+) -> KasaModel:
+    """Wrap ``model`` with a new, trainable KaSA adapter (the counterpart of ``peft.get_peft_model``).
+
+    ``calibration_batches``: dicts of model inputs (e.g. ``[tokenizer(text, return_tensors="pt")]``) on which
+    ``config.truncation_guard`` measures the truncation's effect, and from which ``truncation_basis='activation'``
+    takes its input statistics.
+    """
+    return KasaModel(model, config, adapter_name=adapter_name, calibration_batches=calibration_batches)

@@ -221,6 +221,37 @@ def report(
 
 
 @app.command()
+def inspect(
+    model: str = typer.Option(..., help="minilm, smollm2, tiny-bert, tiny-llama, a local dir or a Hub id."),
+    targets: str = typer.Option(..., help="Comma-separated module names, or all-linear."),
+    r: int = typer.Option(8, help="Adapter rank = number of dropped singular triplets."),
+    data: Optional[Path] = typer.Option(None, help="Calibration text: .txt (paragraphs) or .jsonl ('text'); default: a built-in English paragraph."),
+    per_module_loss: bool = typer.Option(False, "--per-module-loss", help="Also the loss change with only that module truncated (one pass each)."),
+    basis: str = typer.Option("weight", help="weight (the paper) or activation (research variant, not the paper's method)."),
+    basis_data: Optional[Path] = typer.Option(None, help="--basis activation: texts to fit the basis on (default: --data); measure on held-out text."),
+    activation_damping: float = typer.Option(0.01, help="--basis activation: damping δ of the input second moment."),
+    threshold: float = typer.Option(0.1, help="Flag modules whose relative output change exceeds this."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (a run dir: its truncation_report.json)."),
+) -> None:
+    """What KaSA's truncation does before training: per-module dropped energy, σ ratio, output change; the loss change."""
+    _offline_defaults()
+    from .inspect_truncation import inspect_truncation, rich_table, summary_lines, write_report
+
+    target_list = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    try:
+        result, meta = inspect_truncation(model, target_list, r=r, data=data, per_module_loss=per_module_loss,
+                                          basis=basis, max_output_change=threshold, basis_data=basis_data,
+                                          activation_damping=activation_damping)
+    except _USER_ERRORS as error:
+        _fail(error)
+    console.print(rich_table(result, f"KaSA truncation of {model} (r={r}, {basis} basis, nothing trained)"))
+    for line in summary_lines(result):
+        console.print(line, highlight=False)
+    if json_out is not None:
+        console.print(f"report: {write_report(result, meta, json_out)}")
+
+
+@app.command()
 def merge(
     adapter_dir: Path = typer.Argument(..., help="A saved adapter (run_dir/adapter or any save_pretrained dir)."),
     output_dir: Path = typer.Argument(..., help="Where to write the merged transformers model."),

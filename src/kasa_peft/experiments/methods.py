@@ -32,6 +32,10 @@ class AdapterSettings:
     modules_to_save: list[str] | None = None
     beta: float = 1e-4
     gamma: float = 1e-3
+    # KaSA only (see KasaConfig): None = the library default; calibration batches feed the guard / activation basis.
+    truncation_guard: str | None = None
+    truncation_basis: str = "weight"
+    calibration_batches: list[dict] | None = None
 
 
 @dataclass
@@ -106,9 +110,12 @@ def prepare_model(model: nn.Module, method: str, settings: AdapterSettings) -> P
         config = KasaConfig(
             r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
             target_modules=settings.target_modules, modules_to_save=settings.modules_to_save,
-            beta=settings.beta, gamma=settings.gamma,
+            beta=settings.beta, gamma=settings.gamma, truncation_basis=settings.truncation_basis,
+            **({"truncation_guard": settings.truncation_guard} if settings.truncation_guard is not None else {}),
         )
-        return PreparedModel(get_kasa_model(model, config), KasaTrainer, [])
+        model = get_kasa_model(model, config, calibration_batches=settings.calibration_batches)
+        notes = [] if settings.truncation_basis == "weight" else ["kasa: activation-basis truncation (research variant, not the paper's method)"]
+        return PreparedModel(model, KasaTrainer, notes)
     if method == "full":
         for param in model.parameters():
             param.requires_grad_(True)

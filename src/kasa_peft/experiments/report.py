@@ -518,6 +518,13 @@ def _analysis_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
             if path is not None:
                 images.append((f"{task}: learned σ of KaSA (from `{run.path.name}`)", path))
                 break
+        for run in (r for r in members if (r.path / "truncation_report.json").is_file()):  # written by kasa inspect
+            from .truncation_plots import plot_truncation_report_file
+
+            path = plot_truncation_report_file(run.path / "truncation_report.json", out_dir / f"truncation{suffix}.png")
+            if path is not None:
+                images.append((f"{task}: what KaSA's truncation does before training (from `{run.path.name}`)", path))
+                break
     return images
 
 

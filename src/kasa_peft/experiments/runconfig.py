@@ -78,6 +78,9 @@ class RunConfig:
     max_new_tokens: AtLeastOne = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
     quantize: str | None = field(default=None, metadata={"help": "Load the base with bitsandbytes: '4bit' (nf4, double quant) or '8bit'; needs kasa-peft[quant]."})
+    truncation_guard: str | None = field(default=None, metadata={"help": "kasa only: off, warn or skip (KasaConfig.truncation_guard); default: the library's."})
+    truncation_basis: str = field(default="weight", metadata={"help": "kasa only: weight (the paper) or activation (research variant, not the paper's method)."})
+    calibration_examples: NonNegativeInt = field(default=16, metadata={"help": "kasa only: training examples fed to the truncation guard / activation basis (first N; 0 = none)."})
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Every assignment is validated — in __init__ (so also from_dict and dataclasses.replace) and afterwards
@@ -106,6 +109,12 @@ class RunConfig:
                 + ("a quantised base cannot be fully fine-tuned." if self.method == "full" else
                    "PEFT's KaSA silently trains plain LoRA on bitsandbytes layers; use method 'kasa'."),
             )
+        from kasa_peft.config import TRUNCATION_BASES, TRUNCATION_GUARDS
+
+        if self.truncation_guard is not None and self.truncation_guard not in TRUNCATION_GUARDS:
+            raise ConfigError("truncation_guard", self.truncation_guard, f"must be one of {', '.join(TRUNCATION_GUARDS)}")
+        if self.truncation_basis not in TRUNCATION_BASES:
+            raise ConfigError("truncation_basis", self.truncation_basis, f"must be one of {', '.join(TRUNCATION_BASES)}")
 
     @property
     def beams(self) -> int:

@@ -243,6 +243,17 @@ def _spectrum(model: torch.nn.Module, targets: list[str] | str, r: int) -> dict 
     return None
 
 
+def _calibration_batches(config: RunConfig, setup: TaskSetup, encode, tokenizer) -> list[dict] | None:
+    """The first ``calibration_examples`` training examples as one collated batch, for KaSA's truncation guard."""
+    from kasa_peft import KasaConfig
+
+    guard = config.truncation_guard or KasaConfig.__dataclass_fields__["truncation_guard"].default
+    if config.method != "kasa" or (guard == "off" and config.truncation_basis == "weight") or config.calibration_examples <= 0:
+        return None
+    examples = encode(setup.train_items[: config.calibration_examples], tokenizer)
+    return [dict(setup.collator_factory(tokenizer)(examples))]
+
+
 # ----------------------------------------------------------------------------------------------- the run
 def run_experiment(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate one (task, method, seed); returns the ``result.json`` content.
@@ -266,10 +277,15 @@ def _train_and_evaluate(config: RunConfig, checkpoint: Path | None) -> dict[str,
     settings = AdapterSettings(
         r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
         modules_to_save=_modules_to_save(loaded.model, setup.kind), beta=config.beta, gamma=config.gamma,
+        truncation_guard=config.truncation_guard, truncation_basis=config.truncation_basis,
+        calibration_batches=_calibration_batches(config, setup, holder["encode"], tokenizer),
     )
     set_seed(config.seed)  # adapter init independent of how much randomness model loading consumed
     prepared = prepare_model(loaded.model, config.method, settings)
     model = prepared.model
+    if settings.calibration_batches is not None:  # what the truncation did, for `kasa report`'s per-layer plot
+        report = model.truncation_report(settings.calibration_batches)
+        atomic_write_text(run_dir / "truncation_report.json", json.dumps(report.to_dict(), indent=2))
     config_record = {**config.to_dict(), "resolved_target_modules": targets, "modules_to_save": settings.modules_to_save,
                      "model_info": describe(loaded), "kasa_peft_version": kasa_peft.__version__,
                      "torch_version": torch.__version__}
