@@ -32,6 +32,8 @@ class AdapterSettings:
     modules_to_save: list[str] | None = None
     beta: float = 1e-4
     gamma: float = 1e-3
+    #: KaSA's regulariser form (``KasaConfig.regularization_form``): "paper" or "authors". Only ``kasa`` uses it.
+    regularization_form: str = "paper"
 
 
 @dataclass
@@ -106,9 +108,10 @@ def prepare_model(model: nn.Module, method: str, settings: AdapterSettings) -> P
         config = KasaConfig(
             r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
             target_modules=settings.target_modules, modules_to_save=settings.modules_to_save,
-            beta=settings.beta, gamma=settings.gamma,
+            beta=settings.beta, gamma=settings.gamma, regularization_form=settings.regularization_form,
         )
-        return PreparedModel(get_kasa_model(model, config), KasaTrainer, [])
+        notes = [] if settings.regularization_form == "paper" else [f"kasa: regularization_form={settings.regularization_form!r}"]
+        return PreparedModel(get_kasa_model(model, config), KasaTrainer, notes)
     if method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -133,6 +136,8 @@ def prepare_model(model: nn.Module, method: str, settings: AdapterSettings) -> P
         config = _peft_lora_config(settings, kasa_config=PeftKasaConfig(beta=settings.beta, gamma=settings.gamma))
         regularizer = _peft_kasa_loss
         notes.append("peft-kasa: PEFT's KaSA variant, its _get_kasa_loss() added to the loss")
+        if settings.regularization_form != "paper":
+            notes.append("peft-kasa: regularization_form does not apply (PEFT's own regulariser)")
     peft_model = get_peft_model(model, config)
     if method == "milora":
         _init_milora(peft_model)

@@ -9,18 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
+from .tasks import task_families
 
 GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "rte", "qnli")
 COMMONSENSE_TASK_NAMES = (
     "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
 )
-TASK_FAMILIES = {
-    **{name: "glue" for name in GLUE_TASK_NAMES},
-    "e2e": "e2e",
-    "commonsense": "commonsense",
-    **{name: "commonsense" for name in COMMONSENSE_TASK_NAMES},
-    "instruction": "instruction",
-}
+#: ``{task: family}``, from the task families registered in ``experiments.tasks``.
+TASK_FAMILIES = task_families()
+REGULARIZATION_FORMS = ("paper", "authors")
 
 
 @dataclass
@@ -57,12 +54,23 @@ class RunConfig:
     num_beams: int | None = field(default=None, metadata={"help": "Beam width; default per task: E2E 10 (LoRA paper), commonsense 4 (LLM-Adapters), instruction 1."})
     max_new_tokens: int = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
+    # --- protocol fields (issue 7): presets set them; flags and config files override them.
+    preset: str | None = field(default=None, metadata={"help": "quick (default: small CPU settings) or paper (the paper's protocol for the task)."})
+    regularization_form: str = field(default="paper", metadata={"help": "KaSA regulariser: 'paper' (r×r Grams, summed) or 'authors' (their training script)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps; when > 0 it replaces warmup_ratio."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing ε of the training loss."})
+    length_penalty: float = field(default=1.0, metadata={"help": "Beam-search length penalty (Hugging Face definition)."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeated n-grams of this size when decoding (0 = off)."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Causal tasks: the prompt tokens are labels too (LLM-Adapters)."})
+    step0_eval: bool = field(default=True, metadata={"help": "Evaluate before the first optimiser step (after KaSA's truncation)."})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose from {', '.join(METHODS)}.")
         if self.task not in TASK_FAMILIES:
             raise ValueError(f"Unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)}.")
+        if self.regularization_form not in REGULARIZATION_FORMS:
+            raise ValueError(f"regularization_form must be one of {', '.join(REGULARIZATION_FORMS)}, got {self.regularization_form!r}.")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
@@ -114,7 +122,17 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(config_file: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """File values first, then every override that is not None (flags win over the file)."""
+    """Preset values first, then the file's, then every override that is not None (flags win over the file).
+
+    The preset (``preset`` from the file or a flag, default ``quick``) is resolved for the run's task; an unknown
+    preset, or one the task does not have, is a one-line error naming the valid ones.
+    """
+    from .presets import DEFAULT_PRESET, resolve_preset
+
     data = load_config_file(config_file) if config_file else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig.from_dict(data)
+    task = data.get("task", RunConfig.task)
+    if task not in TASK_FAMILIES:
+        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASK_FAMILIES)}.")
+    preset = data.get("preset") or DEFAULT_PRESET
+    return RunConfig.from_dict({**resolve_preset(task, preset), **data, "preset": preset})
