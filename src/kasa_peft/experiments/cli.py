@@ -250,6 +250,25 @@ def score_e2e_command(
     sys.stdout.write(json.dumps(scores, indent=2) + "\n")
 
 
+data_app = typer.Typer(help="Convert datasets into the layouts the paper's pipelines use.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("e2e-lora-format")
+def data_e2e_lora_format(
+    csv_file: Path = typer.Argument(..., help="An E2E dataset CSV with header mr,ref (trainset, devset, testset_w_refs)."),
+    out_file: Path = typer.Argument(..., help="Where to write the LoRA-format 'MR||reference' lines."),
+) -> None:
+    """E2E CSV → the LoRA repository's pre-tokenised MR||reference lines (devset.csv gives LoRA's valid.txt)."""
+    from .tasks.e2e_lora_format import write_lora_format
+
+    try:
+        count = write_lora_format(csv_file, out_file)
+    except _USER_ERRORS as error:
+        _fail(error)
+    console.print(f"{count} lines written to {out_file}")
+
+
 @app.command()
 def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), help="Where the two runs and the report go."),
