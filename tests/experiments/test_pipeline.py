@@ -13,7 +13,7 @@ from kasa_peft.experiments.cli import app
 from kasa_peft.experiments.methods import METHODS
 
 runner = CliRunner()
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from _paths import DATA  # noqa: E402  (tests/experiments is on sys.path under pytest)
 TINY = ["--train-limit", "32", "--eval-limit", "16", "--batch-size", "8", "--max-length", "32"]
 
 

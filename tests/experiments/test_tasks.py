@@ -11,7 +11,7 @@ from kasa_peft.experiments.tasks import commonsense as cs
 from kasa_peft.experiments.tasks import e2e, glue, instruction
 from kasa_peft.experiments.tasks.common import DataError
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from _paths import DATA  # noqa: E402  (tests/experiments is on sys.path under pytest)
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
 
 

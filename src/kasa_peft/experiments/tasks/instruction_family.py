@@ -41,7 +41,9 @@ class InstructionFamily(TaskFamily):
         return "judge_score" if config.judge_model else "answered"
 
     def load_train(self, config: "RunConfig") -> list[dict]:
-        return cap_items(instruction.load_instruction_sft(config.data_dir, seed=0), config.train_limit)
+        from .alpaca import load_alpaca
+
+        return cap_items(load_alpaca(config.data_dir), config.train_limit)
 
     def load_eval(self, config: "RunConfig") -> dict[str, Any]:
         questions = cap_items(instruction.load_mt_bench_questions(config.data_dir), config.eval_limit)
@@ -50,13 +52,9 @@ class InstructionFamily(TaskFamily):
     def encode(self, items: list[dict], tokenizer, config: "RunConfig") -> list[dict]:
         from ..generation import encode_sft_example
 
-        encoded = []
-        for item in items:
-            user = next(m["content"] for m in item["messages"] if m["role"] == "user")
-            reply = next(m["content"] for m in item["messages"] if m["role"] == "assistant")
-            encoded.append(encode_sft_example(tokenizer, chat_prompt(tokenizer, user), reply, config.max_length,
-                                              train_on_inputs=config.train_on_inputs))
-        return encoded
+        # Stanford Alpaca's train.py: prompt + output + eos, the loss on the output.
+        return [encode_sft_example(tokenizer, item["prompt"], item["target"], config.max_length,
+                                   train_on_inputs=config.train_on_inputs) for item in items]
 
     def collator(self, tokenizer) -> Callable:
         from ..generation import SFTCollator
