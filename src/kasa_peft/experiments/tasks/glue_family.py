@@ -137,22 +137,24 @@ class GlueFamily(TaskFamily):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, model, tokenizer, config: "RunConfig", eval_data: list[dict], out_dir: Path) -> dict[str, float]:
-        """Batched forward passes over ``eval_data`` → the task's GLUE metrics (the Trainer's per-epoch numbers)."""
+        """Batched forward passes over ``eval_data`` → the task's GLUE metrics (as the Trainer's per-epoch ones) and ``loss``."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         features = self.encode(eval_data, tokenizer, config)
         collate = self.collator(tokenizer)
-        logits, labels = [], []
+        logits, labels, loss_sum = [], [], 0.0
         try:
             for start in range(0, len(features), config.eval_batch_size):
                 batch = collate([dict(item) for item in features[start : start + config.eval_batch_size]])
-                labels.append(batch.pop("labels").numpy())
-                batch = {key: value.to(device) for key, value in batch.items()}
-                logits.append(model(**batch).logits.float().cpu().numpy())
+                labels.append(batch["labels"].numpy())
+                outputs = model(**{key: value.to(device) for key, value in batch.items()})
+                loss_sum += float(outputs.loss) * len(batch["labels"])  # the model's own loss, per-example mean
+                logits.append(outputs.logits.float().cpu().numpy())
         finally:
             model.train(was_training)
-        return self.compute_metrics(config)((np.concatenate(logits), np.concatenate(labels)))
+        metrics = self.compute_metrics(config)((np.concatenate(logits), np.concatenate(labels)))
+        return {**metrics, "loss": loss_sum / max(1, len(features))}
 
 
 FAMILY = GlueFamily()
