@@ -21,6 +21,7 @@ converts them, so both layouts give identical groups.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,7 +46,8 @@ def _check_text_file(path: Path, what: str) -> str:
 
 def _tsv_rows(text: str) -> list[tuple[int, list[str]]]:
     # QUOTE_NONE: GLUE TSVs carry bare quotes inside sentences; csv quoting would merge rows (as in tasks.glue).
-    rows = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    # StringIO, not splitlines(): only \r and \n end a row (sentences may hold U+2028 or \x85, as csv.reader on a file).
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     return [(number, row) for number, row in enumerate(rows, start=1) if any(cell.strip() for cell in row)]
 
 
@@ -162,7 +164,7 @@ def load_e2e_eval_file(path: str | Path) -> list[tuple[str, list[str]]]:
     """
     path = Path(path)
     text = _check_text_file(path, _E2E_LAYOUTS)
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    first = next((line for line in text.replace("\r\n", "\n").split("\n") if line.strip()), "")
     if SEPARATOR in first:
         return group_by_mr(read_lora_format(path))
     header = [cell.strip().lower() for cell in next(csv.reader([first]), [])]

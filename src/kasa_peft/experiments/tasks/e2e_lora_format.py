@@ -163,7 +163,7 @@ def read_lora_format(path: str | Path) -> list[tuple[str, str]]:
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; expected a LoRA-format E2E file ('MR||reference' lines)") from None
     pairs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):  # only newlines end a line
         if not line.strip():
             continue
         if line.count(SEPARATOR) != 1:
