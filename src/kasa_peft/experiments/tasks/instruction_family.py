@@ -1,16 +1,19 @@
-"""Instruction following: chat-template SFT, then answers to MT-Bench questions (judged only by a local judge).
+"""Instruction following: SFT on the Alpaca subset, then both MT-Bench turns with FastChat's answering settings.
 
-Without ``--judge-model`` the family writes the answers and counts them; reference-overlap numbers against
-FastChat's GPT-4 answers (math/reasoning/coding only) are reported as ``ref_*`` and are never MT-Bench scores.
+Training: ``instruction/alpaca/alpaca_5000.json`` with the Stanford Alpaca prompt (:mod:`.alpaca`), loss on the
+output. Answering: :func:`kasa_peft.experiments.mt_bench.run_mt_bench` — every turn of every question, FastChat's
+per-category temperature, at most ``max_new_tokens`` (FastChat: 1024), FastChat's ``model_answer`` JSONL under
+``model_answer/``. The questions are rendered in the template the model was trained on (:func:`alpaca_conversation`).
+With ``--judge-model`` a local judge grades them with FastChat's prompts (``mt_bench_score``); without one the run
+reports counts and a reference-overlap number against GPT-4's turn-1 answers for math/reasoning/coding
+(``ref_overlap_*``) — that is **not** an MT-Bench score, and nothing here calls it one.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-
-from kasa_peft.checkpoint import atomic_write_text
 
 from . import instruction
 from .common import cap_items
@@ -20,11 +23,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..runconfig import RunConfig
 
 
-def chat_prompt(tokenizer, user_text: str) -> str:
-    messages = [{"role": "user", "content": user_text}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"User: {user_text}\nAssistant:"
+def alpaca_conversation(messages: list[dict]) -> str:
+    """A conversation in the Alpaca template: turn 1 exactly as trained (``alpaca_prompt``), later turns appended.
+
+    ``[u1, a1, u2]`` → ``alpaca_prompt(u1) + a1 + "\\n\\n### Instruction:\\n" + u2 + "\\n\\n### Response:"`` — the
+    Alpaca sections repeated per turn (as FastChat's ``alpaca`` conversation template does); the response follows
+    ``### Response:`` directly, as in training.
+    """
+    from .alpaca import alpaca_prompt
+
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    text = alpaca_prompt(users[0])
+    for answer, question in zip(answers, users[1:]):
+        text += f"{answer}\n\n### Instruction:\n{question}\n\n### Response:"
+    return text
 
 
 class InstructionFamily(TaskFamily):
@@ -34,11 +47,11 @@ class InstructionFamily(TaskFamily):
     PRESETS = {
         # quick: RunConfig's small defaults. There is no "paper" preset: the KaSA paper's instruction-tuning
         # hyper-parameters are not in the sources available offline.
-        "quick": {"instruction": {}},
+        "quick": {"instruction": {"max_new_tokens": 128}},  # a CPU-sized answer cap; FastChat answers up to 1024
     }
 
     def primary_metric(self, config: "RunConfig") -> str:
-        return "judge_score" if config.judge_model else "answered"
+        return "mt_bench_score" if config.judge_model else "mt_bench_turns_answered"
 
     def load_train(self, config: "RunConfig") -> list[dict]:
         from .alpaca import load_alpaca
@@ -62,26 +75,22 @@ class InstructionFamily(TaskFamily):
         return SFTCollator(tokenizer.pad_token_id)
 
     def evaluate(self, model, tokenizer, config: "RunConfig", eval_data: Any, out_dir: Path) -> dict[str, float]:
-        from ..generation import decoding_options, generate_texts
         from ..metrics.e2e import score_e2e
+        from ..mt_bench import read_model_answers, run_mt_bench
 
         questions, references = eval_data["questions"], eval_data["references"]
-        prompts = [chat_prompt(tokenizer, q["turns"][0]) for q in questions]
-        answers = generate_texts(model, tokenizer, prompts, config.eval_batch_size, description="MT-Bench turn 1",
-                                 **decoding_options(config))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        records = [{"question_id": q["question_id"], "category": q["category"], "answer": a} for q, a in zip(questions, answers)]
-        atomic_write_text(out_dir / "mt_bench_answers.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        with_refs = [(a, references[q["question_id"]][0]) for q, a in zip(questions, answers) if q["question_id"] in references]
-        metrics: dict[str, float] = {"answered": float(len(answers)), "with_reference": float(len(with_refs))}
-        if with_refs:
-            scores = score_e2e([a if a.strip() else "." for a, _ in with_refs], [[r] for _, r in with_refs],
-                               metrics=("BLEU", "ROUGE_L"))
-            metrics.update({f"ref_{k}": v for k, v in scores.items()})
-        if config.judge_model:
-            from ..judge import judge_answers
-
-            metrics.update(judge_answers(config.judge_model, questions, answers, config.data_dir))
+        model_id = re.sub(r"[^\w.-]+", "_", f"{Path(config.model).name}-{config.method}-s{config.seed}")
+        metrics = run_mt_bench(model, tokenizer, questions, out_dir, model_id, judge_model=config.judge_model,
+                               data_dir=config.data_dir, max_new_tokens=config.max_new_tokens,
+                               batch_size=config.eval_batch_size, seed=config.seed, render=alpaca_conversation)
+        answers = read_model_answers(Path(out_dir) / "model_answer" / f"{model_id}.jsonl")
+        # Overlap with GPT-4's turn-1 reference answers (math, reasoning, coding only): a sanity number, not MT-Bench.
+        pairs = [(answers[q["question_id"]][0], references[q["question_id"]][0]) for q in questions
+                 if q["question_id"] in references and answers.get(q["question_id"])]
+        if pairs:
+            scores = score_e2e([a if a.strip() else "." for a, _ in pairs], [[r] for _, r in pairs], metrics=("BLEU", "ROUGE_L"))
+            metrics.update({f"ref_overlap_{k}": v for k, v in scores.items()})
+            metrics["ref_overlap_answers"] = float(len(pairs))
         return metrics
 
 
