@@ -66,8 +66,12 @@ def _device() -> str:
 
 
 def run_suite(data_dir: str, output_dir: Path, scale: str, methods: list[str], seeds: list[int],
-              stages: list[str] | None = None, judge_model: str | None = None) -> dict:
-    """Run the chosen stages (all by default) into ``output_dir/<stage>``; write the report and ``suite.json``."""
+              stages: list[str] | None = None, judge_model: str | None = None,
+              model_dirs: dict[str, str] | None = None) -> dict:
+    """Run the chosen stages (all by default) into ``output_dir/<stage>``; write the report and ``suite.json``.
+
+    ``model_dirs`` maps the short names ``minilm``/``smollm2`` to staged model directories (``stage_models.py``).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from common import machine_info  # benchmarks/common.py
@@ -76,7 +80,8 @@ def run_suite(data_dir: str, output_dir: Path, scale: str, methods: list[str], s
     from kasa_peft.experiments.compare import comparison_configs, run_comparison
     from kasa_peft.experiments.report import build_report
 
-    plan = SCALES[scale]
+    plan = {stage: {**settings, "model": (model_dirs or {}).get(settings["model"], settings["model"])}
+            for stage, settings in SCALES[scale].items()}
     chosen = stages or list(plan)
     unknown = [s for s in chosen if s not in plan]
     if unknown:
@@ -108,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--stages", default=None, help="comma-separated subset of the scale's stages")
     parser.add_argument("--judge-model", default=None, help="local judge model for the instruction stage")
+    parser.add_argument("--minilm", default=None, help="staged MiniLM directory (benchmarks/stage_models.py)")
+    parser.add_argument("--smollm2", default=None, help="staged SmolLM2 directory (benchmarks/stage_models.py)")
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("--data-dir (or KASA_DATA_DIR) is required")
     methods = args.methods.split(",") if args.methods else list(SMOKE_METHODS if args.smoke else METHODS)
     record = run_suite(args.data_dir, args.output_dir, "smoke" if args.smoke else "gpu", methods,
                        [int(s) for s in args.seeds.split(",")], args.stages.split(",") if args.stages else None,
-                       args.judge_model)
+                       args.judge_model, {k: v for k, v in (("minilm", args.minilm), ("smollm2", args.smollm2)) if v})
     print(f"[quality suite] total {record['total_wall_s']:.1f} s on {record['device']}; report: {record['report']}")
     return 0
 
