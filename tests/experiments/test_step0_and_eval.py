@@ -180,3 +180,17 @@ def test_train_on_inputs_puts_the_prompt_into_the_labels():
     assert full["labels"] == full["input_ids"] == masked["input_ids"]
     cut = encode_sft_example(tok, "abc", "de", max_length=5, train_on_inputs=True)
     assert cut["input_ids"] == masked["input_ids"][:5] and cut["labels"] == cut["input_ids"]
+
+
+@pytest.mark.skipif(not (DATA / "e2e" / "devset.csv").is_file(), reason="../shared/data is not present")
+def test_e2e_capped_conversion_is_the_same_subset_of_the_full_conversion(tmp_path, monkeypatch):
+    from kasa_peft.experiments.tasks.common import cap_items
+    from kasa_peft.experiments.tasks.e2e_family import _converted_csv
+    from kasa_peft.experiments.tasks.e2e_lora_format import csv_to_lora_lines
+
+    small = tmp_path / "trainset.csv"
+    small.write_text("\n".join((DATA / "e2e" / "devset.csv").read_text(encoding="utf-8-sig").splitlines()[:13]) + "\n")
+    monkeypatch.setenv("KASA_CACHE_DIR", str(tmp_path / "cache"))
+    full = [tuple(part.strip() for part in line.split("||")) for line in csv_to_lora_lines(small)]
+    assert _converted_csv(small, 5) == cap_items(full, 5)
+    assert _converted_csv(small, None) == full and len(list((tmp_path / "cache").rglob("*.txt"))) == 1
