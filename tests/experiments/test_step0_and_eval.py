@@ -194,3 +194,14 @@ def test_e2e_capped_conversion_is_the_same_subset_of_the_full_conversion(tmp_pat
     full = [tuple(part.strip() for part in line.split("||")) for line in csv_to_lora_lines(small)]
     assert _converted_csv(small, 5) == cap_items(full, 5)
     assert _converted_csv(small, None) == full and len(list((tmp_path / "cache").rglob("*.txt"))) == 1
+
+
+def test_regularization_form_reaches_the_adapter(tmp_path):
+    from kasa_peft.config import CONFIG_NAME
+
+    out = tmp_path / "authors"
+    _ok(runner.invoke(app, ["train", *TINY, "--method", "kasa", "--max-steps", "1", "--no-step0-eval",
+                            "--regularization-form", "authors", "--output-dir", str(out)]))
+    assert json.loads((out / "config.json").read_text())["regularization_form"] == "authors"
+    assert json.loads((out / "adapter" / CONFIG_NAME).read_text())["regularization_form"] == "authors"
+    assert "kasa: regularization_form='authors'" in json.loads((out / "result.json").read_text())["notes"]
