@@ -91,14 +91,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    rows = []
+    rows, path = [], None
     for task in args.tasks.split(","):
         row = measure(task, args.data_dir, args.steps, args.device)
         rows.append(row)
+        if path is not None:
+            path.unlink()  # rewritten after every task, so an interrupted run keeps what it measured
+        path = write_json("paper-cost", {"machine": machine_info(args.device), "rows": rows})
         print(f"{task:12s} {row['model']:8s} batch {row['batch']:6s} len≤{row['max_length']:<4d} "
               f"{row['optimizer_steps']:>7d} steps × {row['wall_s_per_step']:.2f} s wall ({row['cpu_s_per_step']:.2f} s CPU) "
               f"→ {row['extrapolated_wall_h']:.1f} h wall, {row['extrapolated_uncontended_h']:.1f} h uncontended", flush=True)
-    path = write_json("paper-cost", {"machine": machine_info(args.device), "rows": rows})
     print(f"written: {path}")
     return 0
 
