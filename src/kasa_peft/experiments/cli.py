@@ -148,11 +148,12 @@ def train(
 def _print_result(result: dict, run_dir: Path) -> None:
     table = Table(title=f"{result['task']} · {result['method']} · seed {result['seed']}")
     table.add_column("metric")
+    table.add_column("step 0", justify="right")
     table.add_column("final", justify="right")
     table.add_column("best", justify="right")
+    number = lambda value: f"{value:.4f}" if isinstance(value, (int, float)) else ""  # noqa: E731
     for key, value in result["final"].items():
-        best = result["best"].get(key)
-        table.add_row(key, f"{value:.4f}", f"{best:.4f}" if isinstance(best, (int, float)) else "")
+        table.add_row(key, number((result.get("step0") or {}).get(key)), number(value), number(result["best"].get(key)))
     console.print(table)
     console.print(f"run dir: {run_dir}")
 
