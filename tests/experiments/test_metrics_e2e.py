@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +22,7 @@ from kasa_peft.experiments.metrics.e2e import (
     score_e2e_files,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from _paths import DATA as DATA_DIR  # noqa: E402  (tests/experiments is on sys.path under pytest)
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR/ROUGE_L/CIDEr need java on PATH")
 
 

@@ -13,7 +13,7 @@ from kasa_peft.experiments.cli import app
 from kasa_peft.experiments.methods import METHODS
 
 runner = CliRunner()
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from _paths import DATA  # noqa: E402  (tests/experiments is on sys.path under pytest)
 TINY = ["--train-limit", "32", "--eval-limit", "16", "--batch-size", "8", "--max-length", "32"]
 
 
@@ -88,9 +88,28 @@ def test_generation_tasks_train_and_score(tmp_path, task):
     out = tmp_path / task
     _ok(runner.invoke(app, ["train", "--task", task, "--model", "tiny-llama", "--method", "kasa", "--data-dir", str(DATA),
                             "--max-steps", "2", "--max-new-tokens", "4", "--output-dir", str(out), *TINY[:2], "--eval-limit", "3"]))
-    final = json.loads((out / "result.json").read_text())["final"]
-    expected = {"e2e": "BLEU", "boolq": "boolq_accuracy", "instruction": "answered"}[task]
-    assert expected in final
+    result = json.loads((out / "result.json").read_text())
+    expected = {"e2e": "BLEU", "boolq": "boolq_accuracy", "instruction": "mt_bench_turns_answered"}[task]
+    assert expected in result["final"] and expected in result["step0"], "step 0 is evaluated like the end"
+    if task == "instruction":
+        (answers,) = (out / "model_answer").glob("*.jsonl")
+        records = [json.loads(line) for line in answers.read_text().splitlines()]
+        assert len(records) == 3 and all(len(r["choices"][0]["turns"]) == 2 for r in records), "both MT-Bench turns"
+        assert result["final"]["mt_bench_turns_answered"] == 6 and "mt_bench_score" not in result["final"]
+        assert not any("MT-Bench" in key or "mt_bench" in key for key in result["final"] if "overlap" in key)
+    if task == "e2e":
+        from kasa_peft.experiments.tasks.common import cap_items
+        from kasa_peft.experiments.tasks.e2e_lora_format import group_by_mr, read_lora_format
+
+        assert len((out / "step0" / "e2e_hypotheses.txt").read_text().splitlines()) == 3
+        # The run's own 3 dev MRs as a LoRA-format references file reproduce its final scores.
+        groups = cap_items(group_by_mr(read_lora_format(DATA / "e2e" / "lora_format" / "valid.txt")), 3)
+        refs = tmp_path / "refs.txt"
+        refs.write_text("".join(f"{mr}||{ref} \n" for mr, group in groups for ref in group))
+        _ok(runner.invoke(app, ["eval", str(out), "--eval-file", str(refs)]))
+        scored = json.loads((out / "eval_refs.json").read_text())
+        assert scored["BLEU"] == pytest.approx(result["final"]["BLEU"])
+        assert (out / "eval_refs" / "e2e_hypotheses.txt").read_text() == (out / "e2e_hypotheses.txt").read_text()
 
 
 def test_model_that_does_not_fit_the_task(tmp_path):

@@ -40,6 +40,8 @@ NUMBERS = {
 PRIMARY = {"sst2": "accuracy", "e2e": "BLEU"}
 SETTINGS = {"kasa": {"r": 8, "lora_alpha": 16, "learning_rate": 5e-4}, "lora": {"r": 16, "lora_alpha": 32, "learning_rate": 1e-4}}
 PARAMS = {"kasa": 1234, "lora": 5678}
+STEP0 = {"sst2": {"accuracy": 0.5}}  # every sst2 run starts at 50.00; e2e runs have no step-0 record
+BUDGET = {"sst2": {"preset": "paper", "max_train_examples": 2000, "epochs": 3, "preset_epochs": 100, "max_steps": None}}
 
 
 def _write(path: Path, data) -> None:
@@ -68,7 +70,7 @@ def _make_run(run_dir: Path, task: str, method: str, seed: int, best: dict | Non
             "status": status, "task": task, "method": method, "model": "tiny", "seed": seed,
             "primary_metric": PRIMARY[task], "final": final or {}, "best": best or {},
             "trainable_params": PARAMS.get(method, 1), "total_params": 100000, "train_runtime_s": 1.5,
-            "notes": [f"{method} note"],
+            "notes": [f"{method} note"], "step0": STEP0.get(task), "budget": BUDGET.get(task),
         })
     return run_dir
 
@@ -139,18 +141,40 @@ def test_markdown_table_scales_and_bolds_the_best(runs_root):
     summary = summarize(find_runs([runs_root]))
     best = markdown_table(summary, "best")
     assert "×100" in best and "NIST and CIDEr are unscaled" in best
-    assert _row(best, "sst2", "kasa") == "| sst2 | kasa | 2 | **accuracy 91.00 ± 1.41** | – | 1,234 |"
-    assert _row(best, "sst2", "lora") == "| sst2 | lora | 2 | accuracy 87.00 ± 1.41 | – | 5,678 |"
-    assert _row(best, "e2e", "lora") == "| e2e | lora | 2 | **BLEU 68.00 ± 2.83** | 8.60 ± 0.14 | 5,678 |"
-    assert _row(best, "e2e", "kasa") == "| e2e | kasa | 2 | BLEU 62.00 ± 2.83 | 8.20 ± 0.28 | 1,234 |"
+    # paired Δ vs lora per seed: sst2 kasa (.90−.88, .92−.86) = (+2, +6) → +4.00 ± 2.83; e2e kasa (−6, −6)
+    budget = "paper · ≤2000 train · 3/100 ep"
+    assert _row(best, "sst2", "kasa") == f"| sst2 | kasa | 2 | {budget} | 50.00 | **accuracy 91.00** | 91.00 ± 1.41 | +4.00 ± 2.83 (ahead 2/2) | – | 1,234 |"
+    assert _row(best, "sst2", "lora") == f"| sst2 | lora | 2 | {budget} | 50.00 | accuracy 87.00 | 87.00 ± 1.41 | ref | – | 5,678 |"
+    assert _row(best, "e2e", "lora") == "| e2e | lora | 2 | – | – | **BLEU 68.00** | 68.00 ± 2.83 | ref | 8.60 ± 0.14 | 5,678 |"
+    assert _row(best, "e2e", "kasa") == "| e2e | kasa | 2 | – | – | BLEU 62.00 | 62.00 ± 2.83 | -6.00 ± 0.00 (ahead 0/2) | 8.20 ± 0.28 | 1,234 |"
     header = best.splitlines()[2]
-    assert header == "| task | method | seeds | primary metric (×100 if 0–1) | NIST | trainable params |"
+    assert header == ("| task | method | seeds | budget | step 0 (median) | primary: median | mean ± std | Δ vs lora (paired) "
+                      "| NIST | trainable params |")
     final = markdown_table(summary, "final")
-    assert _row(final, "sst2", "lora").startswith("| sst2 | lora | 2 | **accuracy 91.00 ± 1.41** |")
-    assert _row(final, "sst2", "kasa").startswith("| sst2 | kasa | 2 | accuracy 90.00 ± 1.41 |")
+    assert _row(final, "sst2", "lora").startswith(f"| sst2 | lora | 2 | {budget} | 50.00 | **accuracy 91.00** | 91.00 ± 1.41 |")
+    assert _row(final, "sst2", "kasa").startswith(f"| sst2 | kasa | 2 | {budget} | 50.00 | accuracy 90.00 | 90.00 ± 1.41 | -1.00 ± 2.83 (ahead 1/2) |")  # (.89−.92, .91−.90)
     with pytest.raises(ValueError):
         markdown_table(summary, "median")
     assert "No finished runs" in markdown_table([], "best")
+
+
+def test_median_differs_from_mean_and_pairs_only_common_seeds(tmp_path):
+    """Three kasa seeds (.80, .81, .90: median .81, mean .8367) against two lora seeds (.80, .70): pairs on seeds 0, 1."""
+    for seed, value in enumerate((0.80, 0.81, 0.90)):
+        _make_run(tmp_path / f"kasa-s{seed}", "sst2", "kasa", seed, {"accuracy": value, "epoch": 1.0}, {"accuracy": value})
+    for seed, value in enumerate((0.80, 0.70)):
+        _make_run(tmp_path / f"lora-s{seed}", "sst2", "lora", seed, {"accuracy": value, "epoch": 1.0}, {"accuracy": value})
+    kasa = next(e for e in summarize(find_runs([tmp_path])) if e["method"] == "kasa")
+    stat = kasa["best"]["accuracy"]
+    assert stat["median"] == pytest.approx(0.81) and stat["mean"] == pytest.approx(0.8366666667)
+    assert stat["std"] == pytest.approx(0.0550757055)  # sample std of (.80, .81, .90)
+    paired = kasa["paired"]["best"]
+    assert paired["seeds"] == [0, 1] and paired["diffs"] == pytest.approx([0.0, 0.11])
+    assert paired["ahead"] == 1 and paired["level"] == 1 and paired["n"] == 2
+    assert paired["mean"] == pytest.approx(0.055) and paired["median"] == pytest.approx(0.055)
+    assert kasa["step0"]["accuracy"]["median"] == pytest.approx(0.5)
+    row = _row(markdown_table(summarize(find_runs([tmp_path])), "best"), "sst2", "kasa")
+    assert "| **accuracy 81.00** | 83.67 ± 5.51 | +5.50 ± 7.78 (ahead 1/2) |" in row
 
 
 def test_rich_table_rows(runs_root):
@@ -158,10 +182,10 @@ def test_rich_table_rows(runs_root):
 
     table = rich_table(summarize(find_runs([runs_root])), "best")
     assert table.row_count == 4
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=250)
     console.print(table)
     text = console.export_text()
-    assert "accuracy 91.00 ± 1.41" in text and "BLEU 68.00 ± 2.83" in text
+    assert "accuracy 91.00" in text and "91.00 ± 1.41" in text and "BLEU 68.00" in text and "+4.00 ± 2.83" in text
 
 
 def test_plots_write_pngs_and_skip_runs_without_analysis(runs_root, tmp_path):
@@ -192,8 +216,11 @@ def test_build_report(runs_root, tmp_path):
     # both tables, best and final bolding
     best_section = report.split("## Best dev epoch")[1].split("## Final evaluation")[0]
     final_section = report.split("## Final evaluation")[1].split("## Settings per method")[0]
-    assert "**accuracy 91.00 ± 1.41**" in _row(best_section, "sst2", "kasa")
-    assert "**accuracy 91.00 ± 1.41**" in _row(final_section, "sst2", "lora")
+    assert "**accuracy 91.00**" in _row(best_section, "sst2", "kasa")
+    assert "**accuracy 91.00**" in _row(final_section, "sst2", "lora")
+    paired = report.split("## Paired differences vs LoRA")[1].split("## Settings per method")[0]
+    assert "| sst2 | kasa | accuracy | 0; 1 | +2.00, +6.00 | +4.00 | 2 / 0 / 0 |" in paired
+    assert "| e2e | kasa | BLEU | 0; 1 | -6.00, -6.00 | -6.00 | 0 / 0 / 2 |" in paired
     # settings per method: the differences show
     settings = report.split("## Settings per method")[1].split("## Plots")[0]
     assert "| kasa | e2e; sst2 | tiny | 8 | 16 | 0.0005 | query,value | kasa note |" in settings

@@ -117,37 +117,101 @@ def _int_list(flag: str, text: str) -> list[int]:
 # Shared flags: typer needs them spelled out per command; these defaults (None) mean "take the config file's value".
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML/JSON file of run settings; flags override it.")
 
+# Run settings settable on both `train` and `compare` (every preset field among them): (RunConfig field, type, help,
+# extra flag names). Flag = --field-name; booleans get --x/--no-x. None = "not given": preset/file value stays.
+RUN_FLAGS: tuple[tuple[str, type, str, tuple[str, ...]], ...] = (
+    ("task", str, "sst2, cola, mrpc, stsb, rte, qnli, e2e, commonsense (or one of its 8 tasks), instruction.", ()),
+    ("model", str, "minilm, smollm2, tiny-bert, tiny-llama, a local dir or a Hub id.", ()),
+    ("data_dir", str, "Local data root (layout of shared/data); env KASA_DATA_DIR.", ()),
+    ("demo_data", bool, "Use the SST-2 subset shipped with the package.", ()),
+    ("preset", str, "quick (small CPU defaults) or paper (the paper's protocol for the task); flags override it.", ()),
+    ("r", int, "Adapter rank.", ()),
+    ("lora_alpha", float, "Adapter scale numerator (scaling α/r).", ()),
+    ("lora_dropout", float, "Dropout on the adapter input.", ()),
+    ("target_modules", str, "Comma-separated module names, or all-linear.", ()),
+    ("beta", float, "KaSA: weight of Σσ².", ()),
+    ("gamma", float, "KaSA: weight of the orthogonality terms.", ()),
+    ("regularization_form", str, "KaSA regulariser: paper (default) or authors (their released script).", ()),
+    ("learning_rate", float, "Peak learning rate (AdamW, linear schedule).", ()),
+    ("full_learning_rate", float, "Learning rate of the `full` method.", ()),
+    ("epochs", float, "Training epochs (a cap when below the preset's).", ()),
+    ("max_steps", int, "Stop after this many optimiser steps (a budget cap).", ()),
+    ("batch_size", int, "Per-device training batch size.", ()),
+    ("eval_batch_size", int, "Evaluation / decoding batch size.", ()),
+    ("gradient_accumulation_steps", int, "Micro-batches per optimiser step.", ()),
+    ("warmup_ratio", float, "Linear warm-up as a fraction of all steps.", ()),
+    ("warmup_steps", int, "Linear warm-up steps (replaces --warmup-ratio when > 0).", ()),
+    ("weight_decay", float, "AdamW weight decay.", ()),
+    ("label_smoothing", float, "Label smoothing of the training loss.", ()),
+    ("max_length", int, "Token cutoff of a training example.", ()),
+    ("train_limit", int, "Budget cap: train on a fixed seeded subset of N examples.", ("--max-train-examples", "--train-limit")),
+    ("eval_limit", int, "Evaluate on a fixed seeded subset of N examples (MR groups, questions).", ("--max-eval-examples", "--eval-limit")),
+    ("save_steps", int, "Checkpoint every N steps.", ()),
+    ("logging_steps", int, "Log the training loss every N steps.", ()),
+    ("num_beams", int, "Beam width when decoding.", ()),
+    ("length_penalty", float, "Beam-search length penalty.", ()),
+    ("no_repeat_ngram_size", int, "Block repeated n-grams of this size when decoding (0 = off).", ()),
+    ("max_new_tokens", int, "New-token cap when decoding.", ()),
+    ("train_on_inputs", bool, "Causal tasks: prompt tokens are labels too.", ()),
+    ("step0_eval", bool, "Evaluate before the first optimiser step (default on).", ()),
+    ("judge_model", str, "instruction: a local judge model directory.", ()),
+    ("quantize", str, "Load the base 4bit (nf4, QLoRA-style) or 8bit with bitsandbytes; pip install 'kasa-peft[quant]'.", ()),
+    ("truncation_guard", str, "kasa: off, warn or skip modules whose truncation changes their calibration output too much.", ()),
+    ("truncation_basis", str, "kasa: weight (the paper) or activation (research variant, not the paper's method).", ()),
+    ("calibration_examples", int, "kasa: training examples fed to the truncation guard / activation basis.", ()),
+)
+
+
+def _run_flag_parameter(name: str, kind: type, help_text: str, names: tuple[str, ...]):
+    import inspect
+
+    flag = "--" + name.replace("_", "-")
+    decls = names or ((f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,))
+    extra = {"envvar": "KASA_DATA_DIR"} if name == "data_dir" else {}
+    option = typer.Option(None, *decls, help=help_text, **extra)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
+
+
+def with_run_flags(command):
+    """Give ``command`` every :data:`RUN_FLAGS` option; it receives them as one dict ``run_flags`` (None = unset)."""
+    import functools
+    import inspect
+
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "run_flags"]
+    flags = [_run_flag_parameter(*spec) for spec in RUN_FLAGS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        run_flags = {spec[0]: kwargs.pop(spec[0]) for spec in RUN_FLAGS}
+        return command(run_flags=run_flags, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + flags)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + flags}
+    del wrapper.__wrapped__  # typer must read the new signature, not the wrapped one
+    return wrapper
+
+
+def _print_config_json(records) -> None:
+    sys.stdout.write(json.dumps(records, indent=2, default=str) + "\n")
+
 
 @app.command()
+@with_run_flags
 def train(
     config: Optional[Path] = ConfigOpt,
-    task: Optional[str] = typer.Option(None, help="sst2, cola, mrpc, stsb, rte, qnli, e2e, commonsense (or one of its 8 tasks), instruction."),
     method: Optional[str] = typer.Option(None, help="kasa, peft-kasa, lora, pissa, milora, dora, full."),
-    model: Optional[str] = typer.Option(None, help="minilm, smollm2, tiny-bert, tiny-llama, a local dir or a Hub id."),
     output_dir: Optional[str] = typer.Option(None, help="Run directory."),
-    data_dir: Optional[str] = typer.Option(None, envvar="KASA_DATA_DIR", help="Local data root (layout of shared/data)."),
-    demo_data: Optional[bool] = typer.Option(None, "--demo-data", help="Use the SST-2 subset shipped with the package."),
-    r: Optional[int] = typer.Option(None, help="Adapter rank."),
-    lora_alpha: Optional[float] = typer.Option(None),
-    target_modules: Optional[str] = typer.Option(None, help="Comma-separated module names, or all-linear."),
-    beta: Optional[float] = typer.Option(None), gamma: Optional[float] = typer.Option(None),
-    learning_rate: Optional[float] = typer.Option(None), epochs: Optional[float] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None), batch_size: Optional[int] = typer.Option(None),
-    max_length: Optional[int] = typer.Option(None), train_limit: Optional[int] = typer.Option(None),
-    eval_limit: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
-    save_steps: Optional[int] = typer.Option(None), num_beams: Optional[int] = typer.Option(None),
-    max_new_tokens: Optional[int] = typer.Option(None),
-    quantize: Optional[str] = typer.Option(None, help="Load the base 4bit (nf4, QLoRA-style) or 8bit with bitsandbytes; pip install 'kasa-peft[quant]'."),
+    seed: Optional[int] = typer.Option(None),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit (no model is loaded)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run; the old run is kept until the new one has finished."),
+    run_flags: Optional[dict] = None,
 ) -> None:
     """Train one method on one task and evaluate it; writes run_dir/{config.json, metrics.jsonl, result.json}."""
-    cfg = _run_options(config, task=task, method=method, model=model, output_dir=output_dir, data_dir=data_dir,
-                       demo_data=demo_data, r=r, lora_alpha=lora_alpha, target_modules=target_modules, beta=beta,
-                       gamma=gamma, learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
-                       batch_size=batch_size, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
-                       seed=seed, save_steps=save_steps, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                       quantize=quantize)
+    cfg = _run_options(config, method=method, output_dir=output_dir, seed=seed, **run_flags)
+    if print_config:
+        _print_config_json(cfg.to_dict())
+        return
     from .runner import run_experiment  # the deep-learning stack: only once the settings are valid
 
     result = run_experiment(cfg, resume=resume, overwrite=overwrite)
@@ -158,11 +222,12 @@ def train(
 def _print_result(result: dict, run_dir: Path) -> None:
     table = Table(title=f"{result['task']} · {result['method']} · seed {result['seed']}")
     table.add_column("metric")
+    table.add_column("step 0", justify="right")
     table.add_column("final", justify="right")
     table.add_column("best", justify="right")
+    number = lambda value: f"{value:.4f}" if isinstance(value, (int, float)) else ""  # noqa: E731
     for key, value in result["final"].items():
-        best = result["best"].get(key)
-        table.add_row(key, f"{value:.4f}", f"{best:.4f}" if isinstance(best, (int, float)) else "")
+        table.add_row(key, number((result.get("step0") or {}).get(key)), number(value), number(result["best"].get(key)))
     console.print(table)
     console.print(f"run dir: {run_dir}")
 
@@ -170,40 +235,37 @@ def _print_result(result: dict, run_dir: Path) -> None:
 @app.command("eval")
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory (its adapter/ and config.json are used)."),
-    eval_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N examples only."),
+    eval_limit: Optional[int] = typer.Option(None, help="Evaluate on a fixed seeded subset of N examples."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval-file", help="A labelled file in the task's layout (GLUE dev TSV, E2E LoRA-format or testset_w_refs.csv, LLM-Adapters JSON); only it is read."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Data root for the task's own eval split (default: the run's)."),
 ) -> None:
-    """Re-evaluate a trained run's saved adapter on its task; writes run_dir/eval.json."""
+    """Re-evaluate a trained run's saved adapter (task eval split, or --eval-file); writes run_dir/eval*.json."""
     from .evaluate import evaluate_run
 
-    metrics = evaluate_run(run_dir, eval_limit=eval_limit)
+    metrics = evaluate_run(run_dir, eval_limit=eval_limit, eval_file=eval_file, data_dir=data_dir)
     console.print_json(json.dumps(metrics))
 
 
 @app.command()
+@with_run_flags
 def compare(
     config: Optional[Path] = ConfigOpt,
-    task: Optional[str] = typer.Option(None), model: Optional[str] = typer.Option(None),
     methods: str = typer.Option("kasa,lora", help="Comma-separated methods."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     output_dir: Path = typer.Option(Path("runs/compare"), help="Parent directory of the runs and the report."),
-    data_dir: Optional[str] = typer.Option(None, envvar="KASA_DATA_DIR"),
-    demo_data: Optional[bool] = typer.Option(None, "--demo-data"),
-    r: Optional[int] = typer.Option(None), learning_rate: Optional[float] = typer.Option(None),
-    epochs: Optional[float] = typer.Option(None), max_steps: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None), train_limit: Optional[int] = typer.Option(None),
-    eval_limit: Optional[int] = typer.Option(None), max_length: Optional[int] = typer.Option(None),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config of every run as JSON and exit."),
     resume: bool = typer.Option(False, "--resume", help="Skip finished runs, resume unfinished ones."),
+    run_flags: Optional[dict] = None,
 ) -> None:
     """Run several methods × seeds with identical settings and print one table (also compare.md / compare.json)."""
-    seed_list = _int_list("--seeds", seeds)
-    from .compare import run_comparison
+    from .compare import comparison_configs, run_comparison
 
-    summary_table = run_comparison(
-        config, [m.strip() for m in methods.split(",") if m.strip()], seed_list,
-        output_dir, resume=resume, task=task, model=model, data_dir=data_dir, demo_data=demo_data, r=r,
-        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        train_limit=train_limit, eval_limit=eval_limit, max_length=max_length,
-    )
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    seed_list = _int_list("--seeds", seeds)
+    if print_config:
+        _print_config_json([c.to_dict() for c in comparison_configs(config, method_list, seed_list, output_dir, **run_flags)])
+        return
+    summary_table = run_comparison(config, method_list, seed_list, output_dir, resume=resume, **run_flags)
     console.print(summary_table)
 
 
@@ -234,16 +296,12 @@ def inspect(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (a run dir: its truncation_report.json)."),
 ) -> None:
     """What KaSA's truncation does before training: per-module dropped energy, σ ratio, output change; the loss change."""
-    _offline_defaults()
     from .inspect_truncation import inspect_truncation, rich_table, summary_lines, write_report
 
     target_list = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    try:
-        result, meta = inspect_truncation(model, target_list, r=r, data=data, per_module_loss=per_module_loss,
-                                          basis=basis, max_output_change=threshold, basis_data=basis_data,
-                                          activation_damping=activation_damping)
-    except _USER_ERRORS as error:
-        _fail(error)
+    result, meta = inspect_truncation(model, target_list, r=r, data=data, per_module_loss=per_module_loss,
+                                      basis=basis, max_output_change=threshold, basis_data=basis_data,
+                                      activation_damping=activation_damping)
     console.print(rich_table(result, f"KaSA truncation of {model} (r={r}, {basis} basis, nothing trained)"))
     for line in summary_lines(result):
         console.print(line, highlight=False)

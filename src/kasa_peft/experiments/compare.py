@@ -11,6 +11,18 @@ from kasa_peft.checkpoint import atomic_write_text
 from .runconfig import build_config
 
 
+def comparison_configs(config_file: Path | None, methods: list[str], seeds: list[int], output_dir: Path,
+                       **overrides: Any) -> list:
+    """One validated RunConfig per (method, seed), each in ``output_dir/<method>-s<seed>``."""
+    if not methods or not seeds:
+        raise ValueError("compare needs at least one method (--methods) and one seed (--seeds)")
+    return [
+        build_config(config_file, method=method, seed=seed, output_dir=str(Path(output_dir) / f"{method}-s{seed}"), **overrides)
+        for method in methods
+        for seed in seeds
+    ]
+
+
 def run_comparison(
     config_file: Path | None,
     methods: list[str],
@@ -27,11 +39,8 @@ def run_comparison(
     from .report import build_report, find_runs, markdown_table, rich_table, summarize
     from .runner import run_experiment
 
-    configs = [
-        build_config(config_file, method=method, seed=seed, output_dir=str(output_dir / f"{method}-s{seed}"), **overrides)
-        for method in methods
-        for seed in seeds
-    ]  # all configs validated before the first run starts
+    output_dir = Path(output_dir)
+    configs = comparison_configs(config_file, methods, seeds, output_dir, **overrides)  # all validated before any run
     for config in configs:
         if resume and (config.run_dir / "result.json").is_file():
             continue

@@ -35,9 +35,16 @@ def attach_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     raise FileNotFoundError(f"No adapter in {adapter_dir} (expected {CONFIG_NAME} or adapter_config.json).")
 
 
-def evaluate_run(run_dir: Path, eval_limit: int | None = None) -> dict[str, float]:
-    """Load the run's base model + saved adapter and evaluate on the task's dev/test data; writes eval.json."""
-    from .runner import FAMILY_SETUPS
+def evaluate_run(run_dir: Path, eval_limit: int | None = None, eval_file: Path | None = None,
+                 data_dir: str | None = None) -> dict[str, float]:
+    """Load the run's base model + saved adapter and evaluate it; returns the metrics.
+
+    Without ``eval_file``: the task's dev/test split (only that split is read, from ``data_dir`` or the run's),
+    written to ``run_dir/eval.json``. With ``eval_file``: a user's labelled file in the task's layout (GLUE dev-file
+    layouts, E2E LoRA-format or ``testset_w_refs.csv``, an LLM-Adapters JSON list), written to
+    ``run_dir/eval_<file stem>.json`` with outputs under ``run_dir/eval_<file stem>/``. Training data are never read.
+    """
+    from .tasks import family_of
 
     run_dir = Path(run_dir)
     config = _read_run_config(run_dir)
@@ -45,30 +52,24 @@ def evaluate_run(run_dir: Path, eval_limit: int | None = None) -> dict[str, floa
         raise ValueError("Full fine-tuning runs keep no separate adapter; evaluate their last checkpoint instead.")
     if eval_limit is not None:
         config.eval_limit = eval_limit
-    holder: dict = {}
-    setup = FAMILY_SETUPS[config.family](config, holder)
-    loaded = load_model(config.model, setup.kind, num_labels=setup.num_labels, quantize=config.quantize)
-    model = attach_adapter(loaded.model, run_dir / "adapter").eval()
-    if setup.compute_metrics is not None:
-        metrics = _classification_metrics(model, loaded.tokenizer, setup, holder, config)
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    family = family_of(config.task)
+    if eval_file is not None:
+        eval_file = Path(eval_file)
+        if not eval_file.is_file():
+            raise FileNotFoundError(f"--eval-file not found: {eval_file}")
+        eval_data = family.load_eval_file(config, eval_file)
+        out_dir, record = run_dir / f"eval_{eval_file.stem}", run_dir / f"eval_{eval_file.stem}.json"
     else:
-        metrics = setup.evaluate(model, loaded.tokenizer, config, run_dir)
-    atomic_write_text(run_dir / "eval.json", json.dumps(metrics, indent=2))
-    return metrics
-
-
-@torch.no_grad()
-def _classification_metrics(model, tokenizer, setup, holder, config) -> dict[str, float]:
-    import numpy as np
-
-    items = holder["encode"](setup.eval_items, tokenizer)
-    collator = setup.collator_factory(tokenizer)
-    logits, labels = [], []
-    for start in range(0, len(items), config.eval_batch_size):
-        batch = collator([dict(item) for item in items[start : start + config.eval_batch_size]])
-        labels.append(batch.pop("labels").numpy())
-        logits.append(model(**batch).logits.float().numpy())
-    return setup.compute_metrics((np.concatenate(logits), np.concatenate(labels)))
+        eval_data = family.load_eval(config)
+        out_dir, record = run_dir, run_dir / "eval.json"
+    loaded = load_model(config.model, family.kind, num_labels=family.num_labels(config.task), quantize=config.quantize)
+    model = attach_adapter(loaded.model, run_dir / "adapter").eval()
+    metrics = family.evaluate(model, loaded.tokenizer, config, eval_data, out_dir)
+    payload = {**metrics, **({"eval_file": str(eval_file.resolve())} if eval_file is not None else {})}
+    atomic_write_text(record, json.dumps(payload, indent=2))
+    return payload
 
 
 def merge_adapter(adapter_dir: Path, output_dir: Path, model_name: str | None = None) -> Path:
@@ -79,8 +80,10 @@ def merge_adapter(adapter_dir: Path, output_dir: Path, model_name: str | None = 
     if run_config.is_file():
         config = _read_run_config(adapter_dir.parent)
         model_name = model_name or config.model
-        task_kind = "classification" if config.family == "glue" else "causal"
-        num_labels = 1 if config.task == "stsb" else 2
+        from .tasks import family_of
+
+        family = family_of(config.task)
+        task_kind, num_labels = family.kind, family.num_labels(config.task)
     if model_name is None:
         raise ValueError("Pass --model: the adapter directory is not inside a run directory with a config.json.")
     loaded = load_model(model_name, task_kind, num_labels=num_labels)

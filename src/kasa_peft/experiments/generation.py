@@ -17,15 +17,50 @@ def progress_bar(description: str, total: int, disable: bool = False) -> Progres
     )
 
 
-def encode_sft_example(tokenizer, prompt: str, target: str, max_length: int) -> dict[str, list[int]]:
-    """``prompt + target + eos`` with the loss on the target tokens only (labels −100 on the prompt)."""
+def encode_sft_example(tokenizer, prompt: str, target: str, max_length: int, train_on_inputs: bool = False) -> dict[str, list[int]]:
+    """``prompt + target + eos``, cut at ``max_length`` tokens.
+
+    The loss covers the target tokens only (labels −100 on the prompt) unless ``train_on_inputs``, where every token
+    is a label (LLM-Adapters' ``train_on_inputs=True``, which the KaSA authors' commonsense run uses).
+    """
     prompt_ids = tokenizer(prompt)["input_ids"]
     if prompt_ids and tokenizer.sep_token_id is not None and prompt_ids[-1] == tokenizer.sep_token_id:
         prompt_ids = prompt_ids[:-1]  # WordPiece tokenizers append [SEP]; the prompt continues
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + target_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
+    prompt_labels = list(prompt_ids) if train_on_inputs else [-100] * len(prompt_ids)
+    labels = (prompt_labels + target_ids)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def causal_lm_loss(label_smoothing: float):
+    """A Trainer ``compute_loss_func``: next-token cross-entropy with label smoothing ε, mean over label tokens.
+
+    Loss = (1 − ε)·NLL + ε·mean_k(−log p_k) per target token (``torch.nn.functional.cross_entropy``'s
+    ``label_smoothing``, the same form as ``microsoft/LoRA``'s ``--label_smooth``), summed over tokens and divided by
+    the number of label tokens in the (accumulated) batch. Written here rather than with the Trainer's own label
+    smoother because that one shifts labels only for model classes it recognises, and a wrapped model
+    (``KasaModel``) is not one of them.
+    """
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = logits[:, :-1, :].float()
+        targets = labels[:, 1:].to(logits.device)
+        total = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+            label_smoothing=label_smoothing, reduction="sum",
+        )
+        count = num_items_in_batch if num_items_in_batch else (targets != -100).sum().clamp_min(1)
+        return total / count
+
+    return loss
+
+
+def decoding_options(config) -> dict:
+    """The generation settings of a run config (beam width, length penalty, n-gram blocking, new-token cap)."""
+    return {"num_beams": config.beams, "max_new_tokens": config.max_new_tokens,
+            "length_penalty": config.length_penalty, "no_repeat_ngram_size": config.no_repeat_ngram_size}
 
 
 @dataclass
@@ -66,8 +101,15 @@ def generate_texts(
     max_new_tokens: int = 32,
     description: str = "generating",
     show_progress: bool = True,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    temperature: float = 0.0,
 ) -> list[str]:
-    """Greedy or beam-search continuations of ``prompts`` (left-padded batches), decoded without the prompt."""
+    """Greedy, beam-search or (``temperature`` > 0) sampled continuations of ``prompts``, decoded without the prompt.
+
+    Batches are left-padded. ``length_penalty`` divides a beam's log-probability by length**penalty (Hugging Face's
+    definition); ``no_repeat_ngram_size`` forbids repeating any n-gram of that size.
+    """
     model.eval()
     device = next(model.parameters()).device
     previous_side = tokenizer.padding_side
@@ -90,7 +132,10 @@ def generate_texts(
                     attention_mask=attention.to(device),
                     max_new_tokens=max_new_tokens,
                     num_beams=num_beams,
-                    do_sample=False,
+                    length_penalty=length_penalty,
+                    no_repeat_ngram_size=no_repeat_ngram_size or None,
+                    do_sample=temperature > 0,
+                    **({"temperature": temperature} if temperature > 0 else {}),
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )

@@ -36,6 +36,8 @@ class AdapterSettings:
     truncation_guard: str | None = None
     truncation_basis: str = "weight"
     calibration_batches: list[dict] | None = None
+    #: KaSA's regulariser form (``KasaConfig.regularization_form``): "paper" or "authors". Only ``kasa`` uses it.
+    regularization_form: str = "paper"
 
 
 @dataclass
@@ -110,11 +112,14 @@ def prepare_model(model: nn.Module, method: str, settings: AdapterSettings) -> P
         config = KasaConfig(
             r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
             target_modules=settings.target_modules, modules_to_save=settings.modules_to_save,
-            beta=settings.beta, gamma=settings.gamma, truncation_basis=settings.truncation_basis,
+            beta=settings.beta, gamma=settings.gamma, regularization_form=settings.regularization_form,
+            truncation_basis=settings.truncation_basis,
             **({"truncation_guard": settings.truncation_guard} if settings.truncation_guard is not None else {}),
         )
         model = get_kasa_model(model, config, calibration_batches=settings.calibration_batches)
-        notes = [] if settings.truncation_basis == "weight" else ["kasa: activation-basis truncation (research variant, not the paper's method)"]
+        notes = [] if settings.regularization_form == "paper" else [f"kasa: regularization_form={settings.regularization_form!r}"]
+        if settings.truncation_basis != "weight":
+            notes.append("kasa: activation-basis truncation (research variant, not the paper's method)")
         return PreparedModel(model, KasaTrainer, notes)
     if method == "full":
         for param in model.parameters():
@@ -140,6 +145,8 @@ def prepare_model(model: nn.Module, method: str, settings: AdapterSettings) -> P
         config = _peft_lora_config(settings, kasa_config=PeftKasaConfig(beta=settings.beta, gamma=settings.gamma))
         regularizer = _peft_kasa_loss
         notes.append("peft-kasa: PEFT's KaSA variant, its _get_kasa_loss() added to the loss")
+        if settings.regularization_form != "paper":
+            notes.append("peft-kasa: regularization_form does not apply (PEFT's own regulariser)")
     peft_model = get_peft_model(model, config)
     if method == "milora":
         _init_milora(peft_model)

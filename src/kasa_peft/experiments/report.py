@@ -1,4 +1,9 @@
-"""``kasa report``: markdown tables (best and final epoch, mean ± std over seeds) and plots from run directories.
+"""``kasa report``: markdown tables (best and final epoch) and plots from run directories.
+
+Statistics per (task, method) over seeds: the median (the paper's statistic, 5 seeds there), mean ± sample std, the
+step-0 value (evaluated before the first optimiser step), and the per-seed paired difference against LoRA on the
+primary metric (same seed, same data: mean ± std of the differences and how many seeds KaSA-or-other is ahead).
+Every row states its budget (preset and caps: training subset, epochs against the preset's, step limit).
 
 A run directory holds ``config.json``, ``metrics.jsonl``, ``result.json`` (``status: complete`` once finished) and
 optionally ``analysis.json`` (spectrum of a targeted weight, learned σ per layer). Unfinished runs are listed as
@@ -144,13 +149,54 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+#: The baseline of the paired differences.
+REFERENCE_METHOD = "lora"
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def _metric_columns(records: Iterable[dict | None]) -> dict[str, dict[str, float]]:
+    columns: dict[str, list[float]] = {}
+    for record in records:
+        for key, value in (record or {}).items():
+            if _is_number(value) and math.isfinite(value):
+                columns.setdefault(key, []).append(float(value))
+    return {key: _stats(values) for key, values in sorted(columns.items())}
+
+
+def _primary_by_seed(members: list[Run], which: str, primary: str) -> dict[Any, float]:
+    values = {}
+    for run in members:
+        value = (run.result.get(which) or {}).get(primary)
+        if _is_number(value) and math.isfinite(value):
+            values[run.seed] = float(value)
+    return values
+
+
+def paired_differences(method_values: dict[Any, float], reference_values: dict[Any, float]) -> dict[str, Any] | None:
+    """Per-seed ``method − reference`` on the seeds both have: the differences, mean ± sample std, wins/ties."""
+    seeds = [seed for seed in method_values if seed in reference_values]
+    if not seeds:
+        return None
+    diffs = [method_values[seed] - reference_values[seed] for seed in seeds]
+    return {"seeds": seeds, "diffs": diffs, **_stats(diffs),
+            "ahead": sum(d > 0 for d in diffs), "level": sum(d == 0 for d in diffs)}
+
+
 def summarize(runs: list[Run]) -> list[dict]:
     """One entry per (task, method) of the complete runs, ordered by task then :data:`METHOD_ORDER`.
 
-    Each entry: ``task, method, n, seeds, models, primary_metric, trainable_params`` and, for ``best`` and ``final``,
-    ``{metric: {"mean", "std", "n"}}`` with the sample standard deviation (n − 1; 0.0 for one value). Values that are
-    not finite numbers are left out, so a metric's ``n`` can be below the entry's.
+    Each entry: ``task, method, n, seeds, models, primary_metric, trainable_params, budget`` and, for ``step0``,
+    ``best`` and ``final``, ``{metric: {"median", "mean", "std", "n"}}`` with the sample standard deviation (n − 1;
+    0.0 for one value); ``paired`` holds, for ``best`` and ``final``, the per-seed difference to
+    :data:`REFERENCE_METHOD` on the primary metric (:func:`paired_differences`; ``None`` without common seeds).
+    Values that are not finite numbers are left out, so a metric's ``n`` can be below the entry's.
     """
+    from .presets import budget_text
+
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         if run.complete:
@@ -164,19 +210,20 @@ def summarize(runs: list[Run]) -> list[dict]:
             "models": sorted({str(r.result.get("model", r.config.get("model"))) for r in members}),
             "primary_metric": members[0].result.get("primary_metric", "accuracy"),
             "trainable_params": params[0] if params else None,
+            "budget": _distinct(budget_text(r.result.get("budget")) for r in members),
         }
-        for which in ("best", "final"):
-            columns: dict[str, list[float]] = {}
-            for run in members:
-                for key, value in (run.result.get(which) or {}).items():
-                    if _is_number(value) and math.isfinite(value):
-                        columns.setdefault(key, []).append(float(value))
-            entry[which] = {
-                key: {"mean": statistics.fmean(values),
-                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-                for key, values in sorted(columns.items())
-            }
+        for which in ("step0", "best", "final"):
+            entry[which] = _metric_columns(run.result.get(which) for run in members)
         summary.append(entry)
+    for entry in summary:
+        reference = groups.get((entry["task"], REFERENCE_METHOD))
+        own = groups[(entry["task"], entry["method"])]
+        entry["paired"] = {
+            which: paired_differences(_primary_by_seed(own, which, entry["primary_metric"]),
+                                      _primary_by_seed(reference, which, entry["primary_metric"]))
+            if reference is not None and entry["method"] != REFERENCE_METHOD else None
+            for which in ("best", "final")
+        }
     return summary
 
 
@@ -199,14 +246,34 @@ def format_stat(metric: str, stat: dict | None, group_n: int | None = None) -> s
     return text
 
 
+def format_median(metric: str, stat: dict | None) -> str:
+    """The median over seeds (×100 for 0–1 metrics)."""
+    if not stat:
+        return "–"
+    return f"{stat['median'] * (100.0 if is_scaled(metric) else 1.0):.2f}"
+
+
+def format_paired(metric: str, paired: dict | None, method: str) -> str:
+    """``+1.20 ± 0.40 (ahead 3/3)``: mean ± std of the per-seed differences to LoRA; ``ref`` on LoRA's own row."""
+    if method == REFERENCE_METHOD:
+        return "ref"
+    if not paired:
+        return "–"
+    scale = 100.0 if is_scaled(metric) else 1.0
+    text = f"{paired['mean'] * scale:+.2f}"
+    if paired["n"] > 1:
+        text += f" ± {paired['std'] * scale:.2f}"
+    return text + f" (ahead {paired['ahead']}/{paired['n']})"
+
+
 def _best_methods(summary: list[dict], which: str) -> set[tuple[str, str]]:
-    """(task, method) pairs with the highest primary-metric mean of their task; ties are all marked."""
-    means = {(e["task"], e["method"]): e[which][e["primary_metric"]]["mean"]
-             for e in summary if e["primary_metric"] in e[which]}
+    """(task, method) pairs with the highest primary-metric median of their task; ties are all marked."""
+    medians = {(e["task"], e["method"]): e[which][e["primary_metric"]]["median"]
+               for e in summary if e["primary_metric"] in e[which]}
     top: dict[str, float] = {}
-    for (task, _), mean in means.items():
-        top[task] = max(top.get(task, mean), mean)
-    return {key for key, mean in means.items() if mean == top[key[0]]}
+    for (task, _), median in medians.items():
+        top[task] = max(top.get(task, median), median)
+    return {key for key, median in medians.items() if median == top[key[0]]}
 
 
 def _other_metrics(summary: list[dict], which: str) -> list[str]:
@@ -223,10 +290,27 @@ def _params(value: Any) -> str:
     return f"{value:,}" if _is_number(value) else "–"
 
 
-def markdown_table(summary: list[dict], which: str = "best") -> str:
-    """One row per (task, method): seeds, primary metric mean ± std, the other metrics, trainable parameters.
+def _row_cells(entry: dict, which: str, others: list[str]) -> list[str]:
+    primary = entry["primary_metric"]
+    stat = entry[which].get(primary)
+    return [
+        entry["task"], entry["method"], str(entry["n"]), entry.get("budget", "–"),
+        format_median(primary, entry.get("step0", {}).get(primary)),
+        f"{primary} {format_median(primary, stat)}", format_stat(primary, stat, entry["n"]),
+        format_paired(primary, (entry.get("paired") or {}).get(which), entry["method"]),
+        *[format_stat(k, entry[which].get(k), entry["n"]) for k in others], _params(entry["trainable_params"]),
+    ]
 
-    0–1 metrics are ×100, NIST/CIDEr/losses/counts as recorded; the best method per task (primary metric) is bold.
+
+TABLE_COLUMNS = ("task", "method", "seeds", "budget", "step 0 (median)", "primary: median", "mean ± std",
+                 f"Δ vs {REFERENCE_METHOD} (paired)")
+
+
+def markdown_table(summary: list[dict], which: str = "best") -> str:
+    """One row per (task, method): seeds, budget, step-0 median, primary median, mean ± std, paired Δ vs LoRA,
+    the other metrics (mean ± std), trainable parameters.
+
+    0–1 metrics are ×100, NIST/CIDEr/losses/counts as recorded; the best median per task (primary metric) is bold.
     """
     if which not in ("best", "final"):
         raise ValueError(f"which must be 'best' or 'final', not {which!r}")
@@ -235,22 +319,21 @@ def markdown_table(summary: list[dict], which: str = "best") -> str:
         return f"_No finished runs ({title})._"
     bold = _best_methods(summary, which)
     others = _other_metrics(summary, which)
-    header = ["task", "method", "seeds", "primary metric (×100 if 0–1)",
-              *[f"{k} (×100)" if is_scaled(k) else k for k in others], "trainable params"]
+    header = [*TABLE_COLUMNS, *[f"{k} (×100)" if is_scaled(k) else k for k in others], "trainable params"]
     lines = [
-        f"**{title}**: mean ± sample std over seeds. Metrics in [0, 1] (accuracy, MCC, F1, Pearson, BLEU, METEOR, "
-        "ROUGE-L) are ×100; NIST and CIDEr are unscaled. Bold: best method of the task on its primary metric.",
+        f"**{title}**: median over seeds (the paper's statistic), mean ± sample std, and the per-seed paired "
+        f"difference to {REFERENCE_METHOD} (mean ± std of the differences; seeds ahead). Step 0: before the first "
+        "optimiser step (KaSA after its truncation). Metrics in [0, 1] (accuracy, MCC, F1, Pearson, BLEU, METEOR, "
+        "ROUGE-L) are ×100; NIST and CIDEr are unscaled. Bold: best median of the task on its primary metric. "
+        "Budget: preset and caps (≤N train = seeded training subset, a/b ep = epochs run of the preset's).",
         "",
         "| " + " | ".join(_cell(h) for h in header) + " |",
         "|" + "---|" * len(header),
     ]
     for entry in summary:
-        primary = entry["primary_metric"]
-        value = f"{primary} {format_stat(primary, entry[which].get(primary), entry['n'])}"
+        cells = _row_cells(entry, which, others)
         if (entry["task"], entry["method"]) in bold:
-            value = f"**{value}**"
-        cells = [entry["task"], entry["method"], str(entry["n"]), value,
-                 *[format_stat(k, entry[which].get(k), entry["n"]) for k in others], _params(entry["trainable_params"])]
+            cells[5] = f"**{cells[5]}**"
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -260,18 +343,14 @@ def rich_table(summary: list[dict], which: str = "best"):
     from rich.table import Table
 
     title = "best dev epoch" if which == "best" else "final evaluation"
-    table = Table(title=f"{title} (mean ± std over seeds; 0–1 metrics ×100)")
+    table = Table(title=f"{title} (median; mean ± std over seeds; paired Δ vs {REFERENCE_METHOD}; 0–1 metrics ×100)")
     others = _other_metrics(summary, which) if summary else []
-    for column in ("task", "method", "seeds", "primary", *others, "trainable"):
-        table.add_column(column, justify="left" if column in ("task", "method", "primary") else "right")
+    for column in (*TABLE_COLUMNS, *others, "trainable"):
+        table.add_column(column, justify="left" if column in ("task", "method", "budget", "primary: median") else "right")
     bold = _best_methods(summary, which)
     for entry in summary:
-        primary = entry["primary_metric"]
-        value = f"{primary} {format_stat(primary, entry[which].get(primary), entry['n'])}"
         style = "bold green" if (entry["task"], entry["method"]) in bold else None
-        table.add_row(entry["task"], entry["method"], str(entry["n"]), value,
-                      *[format_stat(k, entry[which].get(k), entry["n"]) for k in others],
-                      _params(entry["trainable_params"]), style=style)
+        table.add_row(*_row_cells(entry, which, others), style=style)
     return table
 
 
@@ -456,6 +535,23 @@ def _settings_section(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def _paired_section(summary: list[dict]) -> str:
+    """Per (task, method): the seeds both it and LoRA have, and the per-seed differences of the primary metric."""
+    rows = [e for e in summary if (e.get("paired") or {}).get("best")]
+    if not rows:
+        return f"_No method shares a seed with a finished {REFERENCE_METHOD} run._"
+    lines = ["| task | method | metric | seeds | per-seed Δ (×100 if 0–1) | median Δ | ahead / level / behind |",
+             "|---|---|---|---|---|---|---|"]
+    for entry in rows:
+        paired, metric = entry["paired"]["best"], entry["primary_metric"]
+        scale = 100.0 if is_scaled(metric) else 1.0
+        behind = paired["n"] - paired["ahead"] - paired["level"]
+        lines.append(f"| {_cell(entry['task'])} | {_cell(entry['method'])} | {_cell(metric)} | "
+                     f"{_cell(_distinct(paired['seeds']))} | {', '.join(f'{d * scale:+.2f}' for d in paired['diffs'])} | "
+                     f"{paired['median'] * scale:+.2f} | {paired['ahead']} / {paired['level']} / {behind} |")
+    return "\n".join(lines)
+
+
 def _warnings(runs: list[Run]) -> list[str]:
     """Groups whose runs differ in more than the seed (they are averaged together all the same)."""
     groups: dict[tuple[str, str], list[Run]] = {}
@@ -544,6 +640,7 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
         "## Runs", "", *_runs_section(runs, summary),
         "## Best dev epoch", "", markdown_table(summary, "best"), "",
         "## Final evaluation", "", markdown_table(summary, "final"), "",
+        "## Paired differences vs LoRA, per seed (best epoch, primary metric)", "", _paired_section(summary), "",
         "## Settings per method", "", _settings_section(runs), "",
         "## Plots", "",
     ]

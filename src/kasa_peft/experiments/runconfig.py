@@ -29,18 +29,16 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 DropoutProbability = Annotated[float, Field(ge=0, lt=1)]  # p = 1 would drop every input
 UnitFraction = Annotated[float, Field(ge=0, le=1)]
+SmoothingEpsilon = Annotated[float, Field(ge=0, lt=1)]  # ε = 1 would leave no signal from the label
+from .tasks import task_families
 
 GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "rte", "qnli")
 COMMONSENSE_TASK_NAMES = (
     "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
 )
-TASK_FAMILIES = {
-    **{name: "glue" for name in GLUE_TASK_NAMES},
-    "e2e": "e2e",
-    "commonsense": "commonsense",
-    **{name: "commonsense" for name in COMMONSENSE_TASK_NAMES},
-    "instruction": "instruction",
-}
+#: ``{task: family}``, from the task families registered in ``experiments.tasks``.
+TASK_FAMILIES = task_families()
+REGULARIZATION_FORMS = ("paper", "authors")
 
 
 @dataclass
@@ -81,6 +79,15 @@ class RunConfig:
     truncation_guard: str | None = field(default=None, metadata={"help": "kasa only: off, warn or skip (KasaConfig.truncation_guard); default: the library's."})
     truncation_basis: str = field(default="weight", metadata={"help": "kasa only: weight (the paper) or activation (research variant, not the paper's method)."})
     calibration_examples: NonNegativeInt = field(default=16, metadata={"help": "kasa only: training examples fed to the truncation guard / activation basis (first N; 0 = none)."})
+    # --- protocol fields (issue 7): presets set them; flags and config files override them.
+    preset: str | None = field(default=None, metadata={"help": "quick (default: small CPU settings) or paper (the paper's protocol for the task)."})
+    regularization_form: str = field(default="paper", metadata={"help": "KaSA regulariser: 'paper' (r×r Grams, summed) or 'authors' (their training script)."})
+    warmup_steps: NonNegativeInt = field(default=0, metadata={"help": "Linear warm-up steps; when > 0 it replaces warmup_ratio."})
+    label_smoothing: SmoothingEpsilon = field(default=0.0, metadata={"help": "Label smoothing ε of the training loss."})
+    length_penalty: float = field(default=1.0, metadata={"help": "Beam-search length penalty (Hugging Face definition)."})
+    no_repeat_ngram_size: NonNegativeInt = field(default=0, metadata={"help": "Forbid repeated n-grams of this size when decoding (0 = off)."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Causal tasks: the prompt tokens are labels too (LLM-Adapters)."})
+    step0_eval: bool = field(default=True, metadata={"help": "Evaluate before the first optimiser step (after KaSA's truncation)."})
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Every assignment is validated — in __init__ (so also from_dict and dataclasses.replace) and afterwards
@@ -115,6 +122,8 @@ class RunConfig:
             raise ConfigError("truncation_guard", self.truncation_guard, f"must be one of {', '.join(TRUNCATION_GUARDS)}")
         if self.truncation_basis not in TRUNCATION_BASES:
             raise ConfigError("truncation_basis", self.truncation_basis, f"must be one of {', '.join(TRUNCATION_BASES)}")
+        if self.regularization_form not in REGULARIZATION_FORMS:
+            raise ValueError(f"regularization_form must be one of {', '.join(REGULARIZATION_FORMS)}, got {self.regularization_form!r}.")
 
     @property
     def beams(self) -> int:
@@ -230,20 +239,32 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(config_file: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """File values first, then every override that is not None (flags win over the file).
+    """Preset values first, then the file's, then every override that is not None (flags win over the file).
 
-    A wrong value is reported as the flag (``--batch-size 0: ...``) or the file key (``run.yaml: batch_size = 0: ...``)
-    it came from.
+    The preset (``preset`` from the file or a flag, default ``quick``) is resolved for the run's task; an unknown
+    preset, or one the task does not have, is a one-line error naming the valid ones. A wrong value is reported as
+    the flag (``--batch-size 0: ...``) or the file key (``run.yaml: batch_size = 0: ...``) it came from, else as the
+    preset's key.
     """
+    from .presets import DEFAULT_PRESET, resolve_preset
+
     data = load_config_file(config_file) if config_file else {}
     flags = {k: v for k, v in overrides.items() if v is not None}
     data.update(flags)
     try:
         if isinstance(data.get("model"), str):
-            try:  # before anything imports the deep-learning stack: a mistyped name fails in well under a second
+            try:  # before anything imports the deep-learning stack: a mistyped name fails fast
                 check_model_name(data["model"])
             except ModelResolutionError as error:
                 raise ConfigError("model", data["model"], error.reason) from None
-        return RunConfig.from_dict(data)
+        task = data.get("task", RunConfig.task)
+        if task not in TASK_FAMILIES:
+            raise ConfigError("task", task, f"Unknown task; choose from {', '.join(TASK_FAMILIES)}")
+        preset = data.get("preset") or DEFAULT_PRESET
+        return RunConfig.from_dict({**resolve_preset(task, preset), **data, "preset": preset})
     except ConfigError as error:
-        raise (error.from_flag() if error.key in flags or not config_file else error.from_file(config_file)) from None
+        if error.key in flags or (not config_file and error.key not in data):
+            raise error.from_flag() from None
+        if config_file and error.key in data:
+            raise error.from_file(config_file) from None
+        raise

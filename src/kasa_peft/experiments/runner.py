@@ -1,8 +1,17 @@
-"""One training run: data → model → method → Trainer → evaluation → ``run_dir/{config.json, metrics.jsonl, result.json}``.
+"""One training run: data → model → method → step-0 evaluation → Trainer → evaluation → ``run_dir/result.json``.
 
-Every method goes through the same ``transformers.Trainer`` path (so ``accelerate launch`` gives DDP/FSDP), with
-checkpoints every ``save_steps`` marked complete only once fully written, and ``resume=True`` continuing from the last
-complete one. ``result.json`` is written atomically at the very end: a run dir without it is not a finished run.
+The runner is task-agnostic: everything about a task (data, encoding, metrics, evaluation, presets) comes from its
+:class:`~kasa_peft.experiments.tasks.protocol.TaskFamily`. Every method goes through the same
+``transformers.Trainer`` path (so ``accelerate launch`` gives DDP/FSDP), with checkpoints every ``save_steps`` marked
+complete only once fully written, and ``resume=True`` continuing from the last complete one.
+
+Before the first optimiser step the model is evaluated once (``step0_eval``; for KaSA that is after its truncation,
+for PiSSA/MiLoRA after their re-parameterisation), so every result shows where its method starts. The RNG is
+re-seeded afterwards, so the step-0 evaluation (which may sample) does not change training.
+
+Files: ``config.json`` (the resolved config, preset values and what the run changed of them), ``metrics.jsonl``,
+``step0/metrics.json`` (+ the step-0 outputs), ``result.json`` (written atomically at the very end: a run dir
+without it is not a finished run), ``analysis.json``, ``adapter/``.
 """
 
 from __future__ import annotations
@@ -10,185 +19,25 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
-from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 import kasa_peft
 from kasa_peft.checkpoint import atomic_write_text
 
-from .generation import ListDataset, SFTCollator, encode_sft_example, generate_texts
+from .generation import ListDataset
 from .methods import AdapterSettings, kasa_sigma_by_layer, prepare_model
 from .models import describe, load_model
+from .presets import budget_record, deviations, resolve_preset
 from .rundir import CHECKPOINT_SUBDIR, RunDirError, open_run_dir  # noqa: F401 - RunDirError re-exported
-from .runconfig import COMMONSENSE_TASK_NAMES, RunConfig
+from .runconfig import RunConfig
+from .tasks import family_of
+from .tasks.protocol import TaskFamily
 
-@dataclass
-class TaskSetup:
-    """What a task family hands to the runner."""
-
-    kind: str  # "classification" | "causal"
-    num_labels: int
-    train_items: list[dict]
-    collator_factory: Callable[[Any], Any]
-    evaluate: Callable[[Any, Any, RunConfig, Path], dict[str, float]]  # (model, tokenizer, config, run_dir)
-    primary_metric: str
-    eval_during_training: bool = False
-    eval_items: list[dict] | None = None
-    compute_metrics: Callable | None = None
-
-
-# ----------------------------------------------------------------------------------------------- task families
-def _glue_setup(config: RunConfig, tokenizer_holder: dict) -> TaskSetup:
-    from .metrics.glue import PRIMARY_METRIC, compute_glue_metrics
-    from .tasks import glue
-
-    task = config.task
-    if config.demo_data:
-        if task != "sst2":
-            raise ValueError("--demo-data ships SST-2 only; use --task sst2 or pass --data-dir.")
-        train = glue.load_demo_sst2("train", limit=config.train_limit)
-        dev = glue.load_demo_sst2("validation", limit=config.eval_limit)
-    else:
-        train = glue.load_glue(task, "train", data_dir=config.data_dir, limit=config.train_limit)
-        dev = glue.load_glue(task, "validation", data_dir=config.data_dir, limit=config.eval_limit)
-    regression = task == "stsb"
-
-    def compute_metrics(eval_pred) -> dict[str, float]:
-        logits, labels = eval_pred
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        predictions = logits.squeeze(-1) if regression else np.argmax(logits, axis=-1)
-        return compute_glue_metrics(task, predictions, labels)
-
-    def encode(items: list[dict], tokenizer) -> list[dict]:
-        encoded = []
-        for item in items:
-            features = tokenizer(item["sentence1"], item.get("sentence2"), truncation=True, max_length=config.max_length)
-            features["labels"] = float(item["label"]) if regression else int(item["label"])
-            encoded.append(dict(features))
-        return encoded
-
-    tokenizer_holder["encode"] = encode
-    return TaskSetup(
-        kind="classification",
-        num_labels=1 if regression else 2,
-        train_items=train,
-        eval_items=dev,
-        collator_factory=lambda tokenizer: DataCollatorWithPadding(tokenizer),
-        evaluate=lambda *args: {},  # the Trainer evaluates GLUE every epoch
-        primary_metric=PRIMARY_METRIC[task],
-        eval_during_training=True,
-        compute_metrics=compute_metrics,
-    )
-
-
-def _causal_collator(tokenizer):
-    return SFTCollator(tokenizer.pad_token_id)
-
-
-def _e2e_setup(config: RunConfig, tokenizer_holder: dict) -> TaskSetup:
-    from .metrics.e2e import score_e2e
-    from .tasks import e2e
-
-    train = e2e.load_e2e("train", config.data_dir, limit=config.train_limit)
-    groups = e2e.load_e2e_grouped("validation", config.data_dir, limit=config.eval_limit)
-
-    def evaluate(model, tokenizer, cfg: RunConfig, run_dir: Path) -> dict[str, float]:
-        prompts = [prompt for prompt, _ in groups]
-        hypotheses = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.beams, cfg.max_new_tokens,
-                                    description="E2E decoding")
-        e2e.write_hypothesis_file(hypotheses, run_dir / "e2e_hypotheses.txt")
-        e2e.write_e2e_reference_file([refs for _, refs in groups], run_dir / "e2e_references.txt")
-        return score_e2e(hypotheses, [refs for _, refs in groups])
-
-    tokenizer_holder["encode"] = lambda items, tok: [encode_sft_example(tok, i["prompt"], " " + i["target"], config.max_length) for i in items]
-    return TaskSetup("causal", 0, train, _causal_collator, evaluate, "BLEU")
-
-
-def _commonsense_setup(config: RunConfig, tokenizer_holder: dict) -> TaskSetup:
-    from .tasks import commonsense as cs
-
-    eval_tasks = list(COMMONSENSE_TASK_NAMES) if config.task == "commonsense" else [config.task]
-    train = cs.build_commonsense_training_mix(config.data_dir, per_task_limit=config.train_limit, seed=config.seed)
-    eval_sets = {task: cs.load_commonsense(task, "test", config.data_dir, limit=config.eval_limit) for task in eval_tasks}
-
-    def evaluate(model, tokenizer, cfg: RunConfig, run_dir: Path) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        records = []
-        for task, items in eval_sets.items():
-            prompts = [cs.generate_prompt(item["instruction"], item.get("input")) for item in items]
-            outputs = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.beams, cfg.max_new_tokens,
-                                     description=f"{task} decoding")
-            correct = 0
-            for item, output in zip(items, outputs):
-                predicted = cs.extract_answer(task, output)
-                correct += int(predicted == item["answer"])
-                records.append({"task": task, "output": output, "predicted": predicted, "answer": item["answer"]})
-            metrics[f"{task}_accuracy"] = correct / max(1, len(items))
-        metrics["accuracy"] = float(np.mean([metrics[f"{t}_accuracy"] for t in eval_sets]))
-        atomic_write_text(run_dir / "commonsense_outputs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        return metrics
-
-    def encode(items, tok):
-        return [
-            encode_sft_example(tok, cs.generate_prompt(i["instruction"], i.get("input")), i["output"], config.max_length)
-            for i in items
-        ]
-
-    tokenizer_holder["encode"] = encode
-    return TaskSetup("causal", 0, train, _causal_collator, evaluate, "accuracy")
-
-
-def _instruction_setup(config: RunConfig, tokenizer_holder: dict) -> TaskSetup:
-    from .metrics.e2e import score_e2e
-    from .tasks import instruction
-
-    train = instruction.load_instruction_sft(config.data_dir, limit=config.train_limit, seed=config.seed)
-    questions = instruction.load_mt_bench_questions(config.data_dir)
-    if config.eval_limit:
-        questions = questions[: config.eval_limit]
-    references = instruction.load_mt_bench_references(config.data_dir)
-
-    def chat_prompt(tokenizer, user_text: str) -> str:
-        messages = [{"role": "user", "content": user_text}]
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"User: {user_text}\nAssistant:"
-
-    def evaluate(model, tokenizer, cfg: RunConfig, run_dir: Path) -> dict[str, float]:
-        prompts = [chat_prompt(tokenizer, q["turns"][0]) for q in questions]
-        answers = generate_texts(model, tokenizer, prompts, cfg.eval_batch_size, cfg.beams, cfg.max_new_tokens,
-                                 description="MT-Bench turn 1")
-        records = [{"question_id": q["question_id"], "category": q["category"], "answer": a} for q, a in zip(questions, answers)]
-        atomic_write_text(run_dir / "mt_bench_answers.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        with_refs = [(a, references[q["question_id"]][0]) for q, a in zip(questions, answers) if q["question_id"] in references]
-        metrics: dict[str, float] = {"answered": float(len(answers)), "with_reference": float(len(with_refs))}
-        if with_refs:
-            scores = score_e2e([a if a.strip() else "." for a, _ in with_refs], [[r] for _, r in with_refs], metrics=("BLEU", "ROUGE_L"))
-            metrics.update({f"ref_{k}": v for k, v in scores.items()})
-        if cfg.judge_model:
-            from .judge import judge_answers
-
-            metrics.update(judge_answers(cfg.judge_model, questions, answers, cfg.data_dir))
-        return metrics
-
-    def encode(items, tok):
-        encoded = []
-        for item in items:
-            user = next(m["content"] for m in item["messages"] if m["role"] == "user")
-            reply = next(m["content"] for m in item["messages"] if m["role"] == "assistant")
-            encoded.append(encode_sft_example(tok, chat_prompt(tok, user), reply, config.max_length))
-        return encoded
-
-    tokenizer_holder["encode"] = encode
-    return TaskSetup("causal", 0, train, _causal_collator, evaluate, "ref_ROUGE_L")
-
-
-FAMILY_SETUPS = {"glue": _glue_setup, "e2e": _e2e_setup, "commonsense": _commonsense_setup, "instruction": _instruction_setup}
+STEP0_SUBDIR = "step0"
 
 
 # ----------------------------------------------------------------------------------------------- bookkeeping
@@ -243,15 +92,15 @@ def _spectrum(model: torch.nn.Module, targets: list[str] | str, r: int) -> dict 
     return None
 
 
-def _calibration_batches(config: RunConfig, setup: TaskSetup, encode, tokenizer) -> list[dict] | None:
+def _calibration_batches(config: RunConfig, family: TaskFamily, train_items: list[dict], tokenizer) -> list[dict] | None:
     """The first ``calibration_examples`` training examples as one collated batch, for KaSA's truncation guard."""
     from kasa_peft import KasaConfig
 
     guard = config.truncation_guard or KasaConfig.__dataclass_fields__["truncation_guard"].default
     if config.method != "kasa" or (guard == "off" and config.truncation_basis == "weight") or config.calibration_examples <= 0:
         return None
-    examples = encode(setup.train_items[: config.calibration_examples], tokenizer)
-    return [dict(setup.collator_factory(tokenizer)(examples))]
+    examples = family.encode(train_items[: config.calibration_examples], tokenizer, config)
+    return [dict(family.collator(tokenizer)(examples))]
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -268,17 +117,19 @@ def run_experiment(config: RunConfig, resume: bool = False, overwrite: bool = Fa
 def _train_and_evaluate(config: RunConfig, checkpoint: Path | None) -> dict[str, Any]:
     run_dir = config.run_dir
     set_seed(config.seed)
-    holder: dict[str, Any] = {}
-    setup = FAMILY_SETUPS[config.family](config, holder)  # data first: bad data fails before any model load
-    loaded = load_model(config.model, setup.kind, num_labels=setup.num_labels, quantize=config.quantize)
+    family = family_of(config.task)
+    train_items = family.load_train(config)  # data first: bad data fails before any model load
+    eval_data = family.load_eval(config)
+    loaded = load_model(config.model, family.kind, num_labels=family.num_labels(config.task), quantize=config.quantize)
     tokenizer = loaded.tokenizer
     targets = config.target_modules or _default_targets(loaded.model)
     spectrum = _spectrum(loaded.model, targets, config.r)
     settings = AdapterSettings(
         r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
-        modules_to_save=_modules_to_save(loaded.model, setup.kind), beta=config.beta, gamma=config.gamma,
+        modules_to_save=_modules_to_save(loaded.model, family.kind), beta=config.beta, gamma=config.gamma,
+        regularization_form=config.regularization_form,
         truncation_guard=config.truncation_guard, truncation_basis=config.truncation_basis,
-        calibration_batches=_calibration_batches(config, setup, holder["encode"], tokenizer),
+        calibration_batches=_calibration_batches(config, family, train_items, tokenizer),
     )
     set_seed(config.seed)  # adapter init independent of how much randomness model loading consumed
     prepared = prepare_model(loaded.model, config.method, settings)
@@ -286,20 +137,65 @@ def _train_and_evaluate(config: RunConfig, checkpoint: Path | None) -> dict[str,
     if settings.calibration_batches is not None:  # what the truncation did, for `kasa report`'s per-layer plot
         report = model.truncation_report(settings.calibration_batches)
         atomic_write_text(run_dir / "truncation_report.json", json.dumps(report.to_dict(), indent=2))
-    config_record = {**config.to_dict(), "resolved_target_modules": targets, "modules_to_save": settings.modules_to_save,
-                     "model_info": describe(loaded), "kasa_peft_version": kasa_peft.__version__,
-                     "torch_version": torch.__version__}
+    config_record = {**config.to_dict(), "family": family.name, "resolved_target_modules": targets,
+                     "modules_to_save": settings.modules_to_save, "preset_values": resolve_preset(config.task, config.preset),
+                     "changed_from_preset": deviations(config), "model_info": describe(loaded),
+                     "kasa_peft_version": kasa_peft.__version__, "torch_version": torch.__version__}
     atomic_write_text(run_dir / "config.json", json.dumps(config_record, indent=2, default=str))
 
-    encode = holder["encode"]
-    train_dataset = ListDataset(encode(setup.train_items, tokenizer))
-    eval_dataset = ListDataset(encode(setup.eval_items, tokenizer)) if setup.eval_items is not None else None
+    train_dataset = ListDataset(family.encode(train_items, tokenizer, config))
+    trainer_eval_items = family.trainer_eval_items(eval_data) if family.eval_during_training else None
+    eval_dataset = ListDataset(family.encode(trainer_eval_items, tokenizer, config)) if trainer_eval_items is not None else None
     metrics_path = run_dir / "metrics.jsonl"
     if checkpoint is not None:
         _truncate_metrics_log(metrics_path, int(checkpoint.name.split("-")[-1]))
     else:
         metrics_path.unlink(missing_ok=True)
 
+    args = _training_arguments(config, run_dir, family, len(train_dataset))
+    trainer = prepared.trainer_class(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=family.collator(tokenizer),
+        compute_metrics=family.compute_metrics(config) if eval_dataset is not None else None,
+        compute_loss_func=family.loss_function(config), callbacks=[MetricsLogger(metrics_path)],
+    )
+    if prepared.regularizer is not None:
+        trainer.regularizer = prepared.regularizer
+    step0 = _step0_evaluation(family, model, tokenizer, config, eval_data, run_dir, checkpoint,
+                              trainer.is_world_process_zero())
+    set_seed(config.seed)  # the step-0 evaluation may have sampled: training starts from the Trainer's seeded state
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_runtime = time.perf_counter() - started
+
+    started = time.perf_counter()
+    final, best = _final_and_best(trainer, family, model, tokenizer, config, eval_data, run_dir, metrics_path)
+    eval_runtime = time.perf_counter() - started
+
+    if not trainer.is_world_process_zero():
+        return {}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    _save_final_adapter(model, config.method, run_dir / "adapter")
+    analysis = {"spectrum": spectrum, "sigma": kasa_sigma_by_layer(model)}
+    atomic_write_text(run_dir / "analysis.json", json.dumps(analysis))
+    result = {
+        "status": "complete", "task": config.task, "family": family.name, "method": config.method,
+        "model": config.model, "seed": config.seed, "primary_metric": family.primary_metric(config),
+        "step0": step0, "final": final, "best": best,
+        "budget": budget_record(config, len(train_dataset), trainer.state.global_step),
+        "trainable_params": trainable, "total_params": total, "global_step": trainer.state.global_step,
+        "train_runtime_s": train_runtime, "eval_runtime_s": eval_runtime,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "notes": prepared.notes + family.notes(config)
+        + ([f"learning rate {config.full_learning_rate} for full fine-tuning"] if config.method == "full" else []),
+    }
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
+    return result
+
+
+def _training_arguments(config: RunConfig, run_dir: Path, family: TaskFamily, train_size: int) -> TrainingArguments:
+    """The Trainer settings of a run: AdamW, linear schedule, warm-up from ``warmup_steps`` or ``warmup_ratio``."""
     args = TrainingArguments(
         output_dir=str(run_dir / CHECKPOINT_SUBDIR),
         per_device_train_batch_size=config.batch_size,
@@ -314,7 +210,7 @@ def _train_and_evaluate(config: RunConfig, checkpoint: Path | None) -> dict[str,
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
-        eval_strategy="epoch" if setup.eval_during_training else "no",
+        eval_strategy="epoch" if family.eval_during_training else "no",
         seed=config.seed,
         data_seed=config.seed,
         report_to=[],
@@ -324,54 +220,46 @@ def _train_and_evaluate(config: RunConfig, checkpoint: Path | None) -> dict[str,
         disable_tqdm=False,
         save_only_model=False,
     )
-    steps_per_epoch = math.ceil(len(train_dataset) / (config.batch_size * config.gradient_accumulation_steps * max(1, args.world_size)))
-    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
-    args.warmup_steps = int(config.warmup_ratio * total_steps)
-    trainer = prepared.trainer_class(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=setup.collator_factory(tokenizer), compute_metrics=setup.compute_metrics,
-        callbacks=[MetricsLogger(metrics_path)],
-    )
-    if prepared.regularizer is not None:
-        trainer.regularizer = prepared.regularizer
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_runtime = time.perf_counter() - started
+    per_step = config.batch_size * config.gradient_accumulation_steps * max(1, args.world_size)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(math.ceil(train_size / per_step) * config.epochs)
+    args.warmup_steps = config.warmup_steps if config.warmup_steps > 0 else int(config.warmup_ratio * total_steps)
+    return args
 
-    started = time.perf_counter()
+
+def _step0_evaluation(family: TaskFamily, model, tokenizer, config: RunConfig, eval_data: Any, run_dir: Path,
+                      checkpoint: Path | None, is_main: bool) -> dict[str, float] | None:
+    """Metrics before the first optimiser step, written to ``step0/metrics.json`` (read back on resume)."""
+    path = run_dir / STEP0_SUBDIR / "metrics.json"
+    if not config.step0_eval:
+        return None
+    if checkpoint is not None:  # resumed: it ran before the first checkpoint was written
+        return json.loads(path.read_text()) if path.is_file() else None
+    if not is_main:
+        return None
+    metrics = family.evaluate(model, tokenizer, config, eval_data, run_dir / STEP0_SUBDIR)
+    atomic_write_text(path, json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _final_and_best(trainer, family: TaskFamily, model, tokenizer, config: RunConfig, eval_data: Any, run_dir: Path,
+                    metrics_path: Path) -> tuple[dict, dict]:
+    """Final metrics and those of the best evaluated epoch (the final ones where evaluation runs only at the end)."""
+    if not family.eval_during_training:
+        final = family.evaluate(model, tokenizer, config, eval_data, run_dir) if trainer.is_world_process_zero() else {}
+        return final, {**final, "epoch": trainer.state.epoch}
     evals = _eval_history(metrics_path)
-    if setup.eval_during_training and (not evals or evals[-1]["step"] != trainer.state.global_step):
+    if not evals or evals[-1]["step"] != trainer.state.global_step:
         trainer.evaluate()
         evals = _eval_history(metrics_path)
-    if setup.eval_during_training:
-        bookkeeping = {"runtime", "samples_per_second", "steps_per_second"}
-        strip = lambda record: {k[5:]: v for k, v in record.items()
-                                if k.startswith("eval_") and k[5:] not in bookkeeping and isinstance(v, (int, float))}
-        final = strip(evals[-1])
-        best_record = max(evals, key=lambda rec: rec.get(f"eval_{setup.primary_metric}", float("-inf")))
-        best = {**strip(best_record), "epoch": best_record.get("epoch")}
-    else:
-        final = setup.evaluate(model, tokenizer, config, run_dir) if trainer.is_world_process_zero() else {}
-        best = {**final, "epoch": trainer.state.epoch}
-    eval_runtime = time.perf_counter() - started
+    primary = family.primary_metric(config)
+    bookkeeping = {"runtime", "samples_per_second", "steps_per_second"}
 
-    if not trainer.is_world_process_zero():
-        return {}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    _save_final_adapter(model, config.method, run_dir / "adapter")
-    analysis = {"spectrum": spectrum, "sigma": kasa_sigma_by_layer(model)}
-    atomic_write_text(run_dir / "analysis.json", json.dumps(analysis))
-    result = {
-        "status": "complete", "task": config.task, "method": config.method, "model": config.model, "seed": config.seed,
-        "primary_metric": setup.primary_metric, "final": final, "best": best,
-        "trainable_params": trainable, "total_params": total, "global_step": trainer.state.global_step,
-        "train_runtime_s": train_runtime, "eval_runtime_s": eval_runtime,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "notes": prepared.notes + ([f"learning rate {config.full_learning_rate} for full fine-tuning"] if config.method == "full" else []),
-    }
-    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
-    return result
+    def strip(record: dict) -> dict:
+        return {k[5:]: v for k, v in record.items()
+                if k.startswith("eval_") and k[5:] not in bookkeeping and isinstance(v, (int, float))}
+
+    best_record = max(evals, key=lambda rec: rec.get(f"eval_{primary}", float("-inf")))
+    return strip(evals[-1]), {**strip(best_record), "epoch": best_record.get("epoch")}
 
 
 def _eval_history(path: Path) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 
@@ -29,3 +30,21 @@ def check_label(value, allowed, path: Path, line: int):
     if value not in allowed:
         raise DataError(f"{path}:{line}: label {value!r} is outside the task's label set {sorted(allowed)}")
     return value
+
+
+#: Seed of every data subset (budget caps): fixed, so that all methods and seeds of a comparison see the same examples.
+SUBSET_SEED = 0
+
+
+def cap_items(items: list, limit: int | None) -> list:
+    """At most ``limit`` of ``items``: a seeded random sample (:data:`SUBSET_SEED`) kept in file order.
+
+    A head slice would be biased where files are grouped (CoLA train is ordered by source, its dev file is in-domain
+    then out-of-domain); the fixed seed keeps the subset identical across methods and run seeds.
+    """
+    if not limit or limit >= len(items):
+        return list(items)
+    if limit < 0:
+        raise DataError(f"a limit on examples must be positive, got {limit}")
+    chosen = sorted(random.Random(SUBSET_SEED).sample(range(len(items)), limit))
+    return [items[i] for i in chosen]

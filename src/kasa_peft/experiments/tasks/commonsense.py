@@ -129,6 +129,16 @@ def load_commonsense(task: str, split: str, data_dir=None, limit: int | None = N
     return items[:limit] if limit else items
 
 
+def load_commonsense_file(task: str, path: Path) -> list[dict]:
+    """A user's labelled file of one task in LLM-Adapters' JSON-list format (``kasa eval --eval-file``)."""
+    if task not in COMMONSENSE_TASKS:
+        raise DataError(f"unknown commonsense task {task!r}; choose from {list(COMMONSENSE_TASKS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"eval file not found: {path}")
+    return _load_json_list(path, task)
+
+
 def build_commonsense_training_mix(data_dir=None, per_task_limit: int | None = None, seed: int = 0) -> list[dict]:
     """The train files of ``TRAINING_MIX_TASKS`` (at most ``per_task_limit`` each), shuffled with ``seed``."""
     mix = []

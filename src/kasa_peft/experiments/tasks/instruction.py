@@ -1,9 +1,8 @@
 """Instruction following: SFT data in chat form, and MT-Bench (Zheng et al., 2023) questions and references.
 
-No instruction-tuning corpus is available offline. ``load_instruction_sft`` therefore builds a small SFT set from the
-instruction/response pairs of the LLM-Adapters commonsense train files (a stand-in, documented in every report);
-users with their own data pass a JSON/JSONL file to ``load_instruction_file`` (``messages`` or
-``instruction``/``input``/``output`` records). Evaluation generates answers to MT-Bench's first turns; FastChat's
+Training data for the instruction family is the Alpaca subset (:mod:`.alpaca`); users with their own chat data
+can read a JSON/JSONL file with ``load_instruction_file`` (``messages`` or ``instruction``/``input``/``output``
+records). MT-Bench answering and judging is :mod:`kasa_peft.experiments.mt_bench`; FastChat's
 GPT-4 reference answers exist for the math, reasoning and coding categories only.
 """
 
@@ -12,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .commonsense import build_commonsense_training_mix
 from .common import DataError, require_file, resolve_data_dir
 
 
@@ -58,10 +56,3 @@ def load_instruction_file(path: str | Path) -> list[dict]:
         raise DataError(f"instruction data file not found: {path}")
     records = _jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
     return [_to_messages(record, path, number) for number, record in enumerate(records, start=1)]
-
-
-def load_instruction_sft(data_dir=None, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """Chat-form SFT examples from the commonsense train files (see the module docstring)."""
-    items = build_commonsense_training_mix(data_dir, per_task_limit=None, seed=seed)
-    examples = [_to_messages(item, Path("commonsense"), n) for n, item in enumerate(items, start=1)]
-    return examples[:limit] if limit else examples
