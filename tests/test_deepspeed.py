@@ -14,7 +14,7 @@ from test_fsdp import _free_port
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
-    reason="DeepSpeed is not installed (not one of kasa-peft's extras; it builds native ops): pip install deepspeed",
+    reason="DeepSpeed is not installed (an sdist, kept out of the dev extra): pip install -e \".[dev,deepspeed]\"",
 )
 
 

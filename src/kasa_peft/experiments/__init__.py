@@ -20,3 +20,15 @@ def _set_offline_defaults() -> None:
 
 
 _set_offline_defaults()
+
+
+def _quiet_bitsandbytes_kernel_notice() -> None:
+    # transformers imports bitsandbytes whenever it is installed (kasa-peft[quant]); on CPUs with AVX512-BF16 its CPU
+    # backend then warns on every command that it could not fetch an optional kernel from the Hub. Offline that
+    # fetch can never succeed and bitsandbytes falls back to its own kernel, so the notice is only noise here.
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+_quiet_bitsandbytes_kernel_notice()
