@@ -86,3 +86,18 @@ def test_matches_peft_kasa_loss():
             peft_layer.lora_B["default"].weight.copy_(adapter.lora_B)
             peft_layer.lora_diag["default"].copy_(adapter.sigma)
     assert float(ours.regularization_loss()) == pytest.approx(float(theirs.base_model._get_kasa_loss()), rel=1e-5)
+
+
+def test_orthogonality_penalty_defaults_to_the_paper_form_and_refuses_unknown_forms():
+    from kasa_peft.regularization import orthogonality_penalty
+
+    a, b, _ = _random_factors(0, SHAPES)
+    expected = sum(
+        float(torch.linalg.matrix_norm(ai @ ai.T - torch.eye(ai.shape[0], dtype=ai.dtype)))
+        + float(torch.linalg.matrix_norm(bi.T @ bi - torch.eye(bi.shape[1], dtype=bi.dtype)))
+        for ai, bi in zip(a, b)
+    )
+    assert float(orthogonality_penalty(a, b)) == pytest.approx(expected, rel=1e-5)
+    for function, args in ((orthogonality_penalty, (a, b)), (kasa_regularization, (a, b, [], 0.1, 0.1))):
+        with pytest.raises(ValueError, match="Unknown regularization form 'Paper'"):
+            function(*args, form="Paper")
