@@ -147,3 +147,21 @@ def test_safe_merge_refuses_a_nan_adapter_and_leaves_the_weight():
     assert torch.equal(layer.base_layer.weight, before) and layer.merged_adapters == []
     layer.merge()  # without safe_merge the caller asked for it
     assert not torch.isfinite(layer.base_layer.weight).all()
+
+
+def test_deleting_a_merged_adapter_unmerges_only_that_one():
+    """Two adapters merged; deleting one leaves W + ΔW_other (float32 round-off), the other still merged."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 20)
+    original = base.weight.detach().clone()
+    layer = KasaLayer(base)
+    first, second = _random_adapter(seed=1), _random_adapter(seed=2)
+    layer.add_adapter("first", first)
+    layer.add_adapter("second", second)
+    layer.active_adapters = ["first"]
+    layer.merge(["first", "second"])
+    layer.delete_adapter("first")
+    assert layer.merged_adapters == ["second"] and layer.active_adapters == [] and "first" not in layer.kasa_adapters
+    torch.testing.assert_close(base.weight, original + second.delta_weight(), rtol=1e-5, atol=1e-5)
+    layer.delete_adapter("second")
+    torch.testing.assert_close(base.weight, original, rtol=1e-5, atol=1e-5)

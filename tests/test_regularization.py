@@ -86,3 +86,41 @@ def test_matches_peft_kasa_loss():
             peft_layer.lora_B["default"].weight.copy_(adapter.lora_B)
             peft_layer.lora_diag["default"].copy_(adapter.sigma)
     assert float(ours.regularization_loss()) == pytest.approx(float(theirs.base_model._get_kasa_loss()), rel=1e-5)
+
+
+def test_orthogonality_penalty_defaults_to_the_paper_form_and_refuses_unknown_forms():
+    from kasa_peft.regularization import orthogonality_penalty
+
+    a, b, _ = _random_factors(0, SHAPES)
+    expected = sum(
+        float(torch.linalg.matrix_norm(ai @ ai.T - torch.eye(ai.shape[0], dtype=ai.dtype)))
+        + float(torch.linalg.matrix_norm(bi.T @ bi - torch.eye(bi.shape[1], dtype=bi.dtype)))
+        for ai, bi in zip(a, b)
+    )
+    assert float(orthogonality_penalty(a, b)) == pytest.approx(expected, rel=1e-5)
+    for function, args in ((orthogonality_penalty, (a, b)), (kasa_regularization, (a, b, [], 0.1, 0.1))):
+        with pytest.raises(ValueError, match="Unknown regularization form 'Paper'"):
+            function(*args, form="Paper")
+
+
+def test_near_orthonormal_factors_by_definition():
+    """Deviations below 1 (the regime training drives towards): the norm is √(‖G − I‖²), not cut to zero."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.eye(3, 8, dtype=torch.float64) + 0.01 * torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    b = torch.eye(6, 3, dtype=torch.float64) + 0.01 * torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    expected = float(torch.linalg.matrix_norm(a @ a.T - torch.eye(3, dtype=a.dtype))) + float(
+        torch.linalg.matrix_norm(b.T @ b - torch.eye(3, dtype=b.dtype))
+    )
+    assert 0 < expected < 0.5
+    got = kasa_regularization([a], [b], [torch.zeros(3, dtype=torch.float64)], beta=0.0, gamma=1.0)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_penalties_are_float32_scalars_whatever_the_factor_dtype():
+    from kasa_peft.regularization import orthogonality_penalty, singular_value_penalty
+
+    a, b, s = _random_factors(1, SHAPES)  # float64
+    for value in (orthogonality_penalty(a, b), singular_value_penalty(s), kasa_regularization(a, b, s, 0.1, 0.1)):
+        assert value.dtype == torch.float32 and value.shape == ()
+    for empty in (orthogonality_penalty([], []), singular_value_penalty([]), kasa_regularization([], [], [], 0.1, 0.1)):
+        assert empty.shape == () and float(empty) == 0.0

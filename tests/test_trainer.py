@@ -222,3 +222,15 @@ def test_evaluate_reports_loss_and_metrics(tmp_path):
     trainer = KasaTrainer(model=model, args=_args(tmp_path), eval_dataset=_Tokens(6, True), compute_metrics=compute_metrics)
     metrics = trainer.evaluate()
     assert "eval_loss" in metrics and "eval_accuracy" in metrics and seen["n"] == 6
+
+
+@pytest.mark.parametrize("scaled, share", [(True, 0.5), (False, 1.0)])
+def test_an_explicit_loss_is_scaled_for_ga_decides_the_share(tmp_path, scaled, share):
+    """A subclass that sets loss_is_scaled_for_ga overrides the measurement, as it overrides Trainer.training_step."""
+    model = _model(BERT)
+    trainer = KasaTrainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2), train_dataset=_Tokens(4, True))
+    trainer.loss_is_scaled_for_ga = scaled
+    batch = {k: v.unsqueeze(0) for k, v in _Tokens(1, True)[0].items()}
+    model.train()
+    assert trainer._regularizer_share(model, batch, num_items_in_batch=torch.tensor(2)) == share
+    assert trainer._task_loss_follows_num_items is None, "no measurement when the subclass says"

@@ -42,6 +42,7 @@ def orthogonality_penalty(
 
     ``lora_a[ℓ]`` is (r × in), ``lora_b[ℓ]`` is (out × r). Returns a float32 scalar (not averaged).
     """
+    _check_form(form)
     total = lora_a[0].new_zeros((), dtype=torch.float32) if lora_a else torch.zeros(())
     for stacked in _stack_by_shape(lora_a):
         dev_sq = _inner_gram_deviation_sq(stacked, rows_are_vectors=True)
@@ -54,6 +55,11 @@ def orthogonality_penalty(
             dev_sq = dev_sq + (stacked.shape[-2] - stacked.shape[-1])  # + (out − r)
         total = total + _safe_sqrt(dev_sq).sum()
     return total
+
+
+def _check_form(form: str) -> None:
+    if form not in ("paper", "authors"):
+        raise ValueError(f"Unknown regularization form {form!r}; use 'paper' or 'authors'.")
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -78,8 +84,7 @@ def kasa_regularization(
     form: str = "paper",
 ) -> torch.Tensor:
     """β·Σσ² + γ·orthogonality over all given layers; ``form="authors"`` divides by the number of layers."""
-    if form not in ("paper", "authors"):
-        raise ValueError(f"Unknown regularization form {form!r}; use 'paper' or 'authors'.")
+    _check_form(form)
     if not lora_a:
         return torch.zeros(())
     loss = beta * singular_value_penalty(sigmas) + gamma * orthogonality_penalty(lora_a, lora_b, form)

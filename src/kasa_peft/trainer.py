@@ -81,9 +81,10 @@ class RegularizedTrainerMixin:
         return None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        share = self._regularizer_share(model, inputs, num_items_in_batch) if model.training else 1.0
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         reg = self.regularization_term(model) if model.training else None
+        # Decided before the task loss: Trainer.compute_loss pops "labels" from `inputs`, the measurement needs them.
+        share = self._regularizer_share(model, inputs, num_items_in_batch) if reg is not None else 1.0
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if reg is not None:
             reg = reg.to(loss.device)
             self._reg_sum += float(reg.detach())
@@ -101,7 +102,8 @@ class RegularizedTrainerMixin:
 
     def _regularizer_share(self, model, inputs, num_items_in_batch) -> float:
         """s in the class docstring: the fraction of the regulariser added to this micro-batch's loss."""
-        steps = self.current_gradient_accumulation_steps
+        # Set by Trainer's training loop (smaller for a last, partial accumulation); absent in a bare compute_loss call.
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         if steps == 1 or self._trainer_divides_by_accumulation(num_items_in_batch):
             return 1.0
         if getattr(self, "loss_is_scaled_for_ga", None):
