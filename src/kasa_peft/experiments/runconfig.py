@@ -119,9 +119,9 @@ class RunConfig:
         from kasa_peft.config import TRUNCATION_BASES, TRUNCATION_GUARDS
 
         if self.truncation_guard is not None and self.truncation_guard not in TRUNCATION_GUARDS:
-            raise ConfigError("truncation_guard", self.truncation_guard, f"must be one of {', '.join(TRUNCATION_GUARDS)}")
+            raise ValueError(f"truncation_guard must be one of {', '.join(TRUNCATION_GUARDS)}, got {self.truncation_guard!r}.")
         if self.truncation_basis not in TRUNCATION_BASES:
-            raise ConfigError("truncation_basis", self.truncation_basis, f"must be one of {', '.join(TRUNCATION_BASES)}")
+            raise ValueError(f"truncation_basis must be one of {', '.join(TRUNCATION_BASES)}, got {self.truncation_basis!r}.")
         if self.regularization_form not in REGULARIZATION_FORMS:
             raise ValueError(f"regularization_form must be one of {', '.join(REGULARIZATION_FORMS)}, got {self.regularization_form!r}.")
 
