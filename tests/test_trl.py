@@ -58,9 +58,14 @@ def _first_step_gradient(tmp_path, beta: float, accumulation: int):
                      logging_steps=1, max_grad_norm=0.0)  # no clipping: compare raw gradients
     recorder = _GradientAtStep(model)
     recorder.backbone_calls = 0
+    recorder.measurement_calls = 0
 
-    def count(*_):
-        recorder.backbone_calls += 1
+    def count(module, _):
+        # Eval-mode passes are KasaTrainer's once-per-run, no-grad check of the loss normalisation (accumulation > 1).
+        if module.training:
+            recorder.backbone_calls += 1
+        else:
+            recorder.measurement_calls += 1
 
     model.base_model.model.register_forward_pre_hook(count)
     trainer = KasaSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -80,6 +85,7 @@ def test_sft_loss_carries_the_regulariser_once_per_optimiser_step(tmp_path, accu
     assert any("reg_loss" in entry for entry in trainer.state.log_history)
     # One forward per micro-batch: no extra pass to rebuild logits the training loss does not need.
     assert regularised.backbone_calls == accumulation
+    assert regularised.measurement_calls == (2 if accumulation > 1 else 0)
 
 
 def test_peft_config_is_refused(tmp_path):

@@ -35,6 +35,8 @@ class _SFTOutputsOnDemand(SFTTrainer):
     _caller_wants_outputs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not return_outputs:  # a plain loss request (e.g. KasaTrainer's once-per-run normalisation measurement)
+            return super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
         wanted = self._caller_wants_outputs
         result = super().compute_loss(model, inputs, return_outputs=wanted, num_items_in_batch=num_items_in_batch)
         return result if wanted else (result, None)
