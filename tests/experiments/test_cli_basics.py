@@ -72,3 +72,52 @@ def test_unknown_config_key_is_refused(tmp_path):
     config.write_text('{"task": "sst2", "learning_rat": 0.1}')
     result = runner.invoke(app, ["train", "--config", str(config), "--output-dir", str(tmp_path / "run")])
     assert result.exit_code != 0 and "learning_rat" in result.output
+
+
+def _e2e_run_outputs(folder, mrs, hypotheses):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "e2e_mrs.txt").write_text("".join(mr + "\n" for mr in mrs))
+    (folder / "e2e_hypotheses.txt").write_text("".join(h + "\n" for h in hypotheses))
+    return folder
+
+
+def test_score_e2e_run_directory_takes_each_mrs_own_references(tmp_path):
+    # The references file holds more MRs than the run (a run scored with --eval-limit) and in another order.
+    run = _e2e_run_outputs(tmp_path / "run", ["name : B | food : French", "name : A | Type : pub"],
+                           ["b serves french food .", "a is a pub ."])
+    refs = tmp_path / "test.txt"
+    refs.write_text("name : A | Type : pub||a is a pub .\nname : C||c is somewhere .\n"
+                    "name : B | food : French||b serves french food .\nname : B | food : French||b has french food .\n")
+    result = runner.invoke(app, ["score", "e2e", str(run), str(refs)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["BLEU"] == pytest.approx(1.0)
+    # The same outputs scored in file order (what a bare hypotheses file would get) do not match: the check matters.
+    csv_refs = tmp_path / "refs.csv"
+    csv_refs.write_text('mr,ref\n"name[A], eatType[pub]",a is a pub .\n"name[B], food[French]",b serves french food .\n')
+    hyps = tmp_path / "hyp.txt"
+    hyps.write_text("b serves french food .\na is a pub .\n")
+    bare = runner.invoke(app, ["score", "e2e", str(hyps), str(csv_refs)])
+    assert bare.exit_code == 0, bare.output
+    assert json.loads(bare.output)["BLEU"] < 0.5
+
+
+def test_score_e2e_run_mr_missing_from_references_is_one_line(tmp_path):
+    run = _e2e_run_outputs(tmp_path / "run", ["name : A | Type : pub", "name : D"], ["a is a pub .", "d ."])
+    refs = tmp_path / "test.txt"
+    refs.write_text("name : A | Type : pub||a is a pub .\nname : C||c is somewhere .\n")
+    result = runner.invoke(app, ["score", "e2e", str(run), str(refs)])
+    assert result.exit_code == 2
+    assert "MRs do not match the run's" in result.output and "'name : D'" in result.output
+    assert "Traceback" not in result.output
+    hyps = tmp_path / "hyp.txt"
+    hyps.write_text("a is a pub .\n")
+    bare = runner.invoke(app, ["score", "e2e", str(hyps), str(refs)])
+    assert bare.exit_code == 2 and "1 hypotheses" in bare.output and "2 MRs" in bare.output
+
+
+def test_score_e2e_folder_without_outputs_is_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    refs = tmp_path / "refs.txt"
+    refs.write_text("one\n")
+    result = runner.invoke(app, ["score", "e2e", str(tmp_path / "run"), str(refs)])
+    assert result.exit_code == 2 and "no e2e_hypotheses.txt" in result.output and "Traceback" not in result.output

@@ -338,13 +338,19 @@ def export(
 
 @score_app.command("e2e")
 def score_e2e_command(
-    hypotheses: Path = typer.Argument(..., help="System outputs, one per line."),
-    references: Path = typer.Argument(..., help="References grouped per MR, groups separated by blank lines."),
+    outputs: Path = typer.Argument(..., help="System outputs, one per line, or an E2E run directory (its e2e_hypotheses.txt "
+                                   "and e2e_mrs.txt; also its step0/ or eval_<file>/ folder)."),
+    references: Path = typer.Argument(..., help="References: grouped per MR with blank lines between groups (the official "
+                                      "scorer's layout), a LoRA-format file or an mr,ref CSV such as testset_w_refs.csv."),
 ) -> None:
-    """BLEU, NIST, METEOR, ROUGE_L, CIDEr as the official E2E script defines them; prints JSON."""
-    from .metrics.e2e import score_e2e_files
+    """BLEU, NIST, METEOR, ROUGE_L, CIDEr as the official E2E script defines them; prints JSON.
 
-    scores = score_e2e_files(hypotheses, references)
+    With a run directory and a references file that names MRs, each output is scored against its own MR's references
+    (the file may hold more MRs than the run); an MR of the run missing from the file is an error.
+    """
+    from .eval_files import score_e2e_outputs
+
+    scores = score_e2e_outputs(outputs, references)
     sys.stdout.write(json.dumps(scores, indent=2) + "\n")
 
 

@@ -202,3 +202,72 @@ def check_mrs_match(expected_prompts: list[str], file_prompts: list[str], path: 
     position = next(i for i, (a, b) in enumerate(zip(expected, found)) if a != b)
     raise DataError(f"{path}: same MRs as the run but in another order (first difference at MR {position + 1}: "
                     f"{found[position]!r} where the run has {expected[position]!r})")
+
+
+def has_e2e_mrs(path: str | Path) -> bool:
+    """True for an MR-bearing references layout (LoRA-format ``MR || ref`` lines or an ``mr,ref`` CSV)."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8-sig", errors="replace") as fh:
+            first = next((line for line in fh if line.strip()), "")
+    except OSError:
+        return False
+    if SEPARATOR in first:
+        return True
+    return "mr" in [cell.strip().lower() for cell in next(csv.reader([first]), [])]
+
+
+def references_for_run_mrs(run_mrs: list[str], file_groups: list[tuple[str, list[str]]], path: str | Path) -> list[list[str]]:
+    """The reference groups of a references file for a run's MRs, in the run's order.
+
+    ``file_groups`` is :func:`load_e2e_eval_file`'s ``(mr, references)`` list. The file may hold more MRs than the run
+    (a run evaluated with ``--eval-limit`` scored a prefix of dev): each run MR takes its own group. A run MR missing
+    from the file, or a file with the same MRs in another order, is a one-line :class:`DataError`
+    (:func:`check_mrs_match`'s message).
+    """
+    by_mr = {_normalise_mr(mr): refs for mr, refs in file_groups}
+    wanted = [_normalise_mr(mr) for mr in run_mrs]
+    if any(mr not in by_mr for mr in wanted):
+        check_mrs_match(run_mrs, [mr for mr, _ in file_groups], path)  # raises, naming the first missing MR
+    return [by_mr[mr] for mr in wanted]
+
+
+def score_e2e_outputs(outputs: str | Path, references: str | Path) -> dict[str, float]:
+    """Score E2E outputs against a references file, checking that both describe the same MRs where they can.
+
+    ``outputs`` is a hypotheses file (one output per line) or a folder a run's evaluation wrote
+    (``e2e_hypotheses.txt`` and ``e2e_mrs.txt``: a run directory, its ``step0/`` or ``eval_<file>/``).
+    ``references`` is the official scorer's grouped layout (blank line between MRs), a LoRA-format file or an
+    ``mr,ref`` CSV such as ``testset_w_refs.csv``. With MRs on both sides the references are taken per run MR and a
+    run MR the file lacks is an error; with a bare hypotheses file the groups are taken in file order and their
+    number must match.
+    """
+    from .metrics.e2e import read_e2e_hypotheses, score_e2e, score_e2e_files
+
+    outputs, references = Path(outputs), Path(references)
+    run_mrs: list[str] | None = None
+    hypotheses_file = outputs
+    if outputs.is_dir():
+        hypotheses_file, mrs_file = outputs / "e2e_hypotheses.txt", outputs / "e2e_mrs.txt"
+        if not hypotheses_file.is_file():
+            raise DataError(f"{outputs}: no e2e_hypotheses.txt in this folder; pass an E2E run directory (or its "
+                            "step0/ or eval_<file>/ folder) or a hypotheses file")
+        if mrs_file.is_file():
+            run_mrs = read_e2e_hypotheses(mrs_file)
+    if not has_e2e_mrs(references):
+        if not references.is_file():
+            raise DataError(f"references file not found: {references}")
+        return score_e2e_files(hypotheses_file, references)
+    hypotheses = read_e2e_hypotheses(hypotheses_file)
+    groups = load_e2e_eval_file(references)
+    if run_mrs is not None:
+        if len(run_mrs) != len(hypotheses):
+            raise DataError(f"{outputs}: {len(hypotheses)} lines in e2e_hypotheses.txt but {len(run_mrs)} in e2e_mrs.txt; "
+                            "the run's evaluation output is incomplete, re-run `kasa eval`")
+        refs = references_for_run_mrs(run_mrs, groups, references)
+    else:
+        if len(groups) != len(hypotheses):
+            raise DataError(f"{len(hypotheses)} hypotheses in {hypotheses_file} but {len(groups)} MRs in {references}; "
+                            "pass a run directory (its e2e_mrs.txt picks each MR's references) or references of the same MRs")
+        refs = [group for _, group in groups]
+    return score_e2e(hypotheses, refs)
