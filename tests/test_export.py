@@ -96,3 +96,43 @@ def test_lora_export_of_a_4bit_model_serves_on_quantised_and_full_precision_base
     quantisation_noise = (full_base - quantised_base).norm()
     assert (on_full - expected).norm() <= 1.5 * quantisation_noise
     assert (on_full - full_base).norm() > 3 * quantisation_noise
+
+
+def test_cli_export_never_writes_into_a_users_folder_and_replaces_only_its_own(tmp_path):
+    base_dir = _save_gpt2(tmp_path / "gpt2")
+    kasa = get_kasa_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(),
+                          KasaConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
+    kasa.save_pretrained(tmp_path / "adapter")
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    args = ["export", str(tmp_path / "adapter"), "--model", str(base_dir)]
+    refused = runner.invoke(app, [*args[:2], str(users), *args[2:], "--overwrite"])
+    assert refused.exit_code == 2 and "was not written by this command" in refused.output
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"]
+
+    out = tmp_path / "lora"
+    assert runner.invoke(app, [*args[:2], str(out), *args[2:]]).exit_code == 0
+    again = runner.invoke(app, [*args[:2], str(out), *args[2:]])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert runner.invoke(app, [*args[:2], str(out), *args[2:], "--overwrite"]).exit_code == 0
+    assert (out / "adapter_config.json").is_file() and (out / "kasa_output.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or replaced folder left
+
+
+def test_write_output_folder_failure_keeps_the_old_output(tmp_path):
+    from kasa_peft.experiments.rundir import write_output_folder
+
+    out = tmp_path / "out"
+    write_output_folder(out, lambda folder: (folder / "a.txt").write_text("old"), kind="merged model")
+
+    def failing(folder):
+        (folder / "a.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_output_folder(out, failing, kind="merged model", overwrite=True)
+    assert (out / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(ValueError, match="not written by this command"):
+        write_output_folder(out, failing, kind="PEFT export", overwrite=True)  # another command's output

@@ -314,11 +314,12 @@ def merge(
     adapter_dir: Path = typer.Argument(..., help="A saved adapter (run_dir/adapter or any save_pretrained dir)."),
     output_dir: Path = typer.Argument(..., help="Where to write the merged transformers model."),
     model: Optional[str] = typer.Option(None, help="Base model; default: the one recorded in the run's config.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it holds an earlier `kasa merge` output (never other files)."),
 ) -> None:
-    """Fold an adapter into its base model and save a plain transformers model directory."""
+    """Fold an adapter into its base model and save a plain transformers model directory (a new or empty folder)."""
     from .evaluate import merge_adapter
 
-    merge_adapter(adapter_dir, output_dir, model)
+    merge_adapter(adapter_dir, output_dir, model, overwrite=overwrite)
     console.print(f"merged model written to {output_dir}")
 
 
@@ -328,11 +329,12 @@ def export(
     output_dir: Path = typer.Argument(..., help="Where to write the PEFT checkpoint (adapter_config.json + weights)."),
     format: str = typer.Option("lora", "--format", help="lora: exact rank-2r plain LoRA (any LoRA server); kasa: PEFT's KaSA."),
     model: Optional[str] = typer.Option(None, help="Base model; default: the one recorded in the run's config.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it holds an earlier `kasa export` output (never other files)."),
 ) -> None:
-    """Export a KaSA adapter as a PEFT checkpoint (rank-2r LoRA by default) for LoRA-capable servers."""
+    """Export a KaSA adapter as a PEFT checkpoint (rank-2r LoRA by default) for LoRA-capable servers (a new or empty folder)."""
     from .export import export_adapter
 
-    export_adapter(source, output_dir, format=format, model=model)
+    export_adapter(source, output_dir, format=format, model=model, overwrite=overwrite)
     console.print(f"PEFT {format} checkpoint written to {output_dir}")
 
 

@@ -12,6 +12,7 @@ from kasa_peft.checkpoint import atomic_write_text
 from kasa_peft.config import CONFIG_NAME
 
 from .models import load_model
+from .rundir import check_output_folder, write_output_folder
 from .runconfig import RunConfig
 
 
@@ -72,9 +73,14 @@ def evaluate_run(run_dir: Path, eval_limit: int | None = None, eval_file: Path |
     return payload
 
 
-def merge_adapter(adapter_dir: Path, output_dir: Path, model_name: str | None = None) -> Path:
-    """Merge ``adapter_dir`` into its base (recorded in the run's config.json unless given) and save it."""
+def merge_adapter(adapter_dir: Path, output_dir: Path, model_name: str | None = None, overwrite: bool = False) -> Path:
+    """Merge ``adapter_dir`` into its base (recorded in the run's config.json unless given) and save it.
+
+    ``output_dir`` must be new or empty, or (with ``overwrite``) an earlier merged model: see
+    :func:`~kasa_peft.experiments.rundir.write_output_folder`.
+    """
     adapter_dir = Path(adapter_dir)
+    check_output_folder(output_dir, "merged model", overwrite)
     run_config = adapter_dir.parent / "config.json"
     task_kind, num_labels = "causal", 2
     if run_config.is_file():
@@ -88,7 +94,9 @@ def merge_adapter(adapter_dir: Path, output_dir: Path, model_name: str | None = 
         raise ValueError("Pass --model: the adapter directory is not inside a run directory with a config.json.")
     loaded = load_model(model_name, task_kind, num_labels=num_labels)
     merged = attach_adapter(loaded.model, adapter_dir).merge_and_unload()
-    output_dir = Path(output_dir)
-    merged.save_pretrained(str(output_dir))
-    loaded.tokenizer.save_pretrained(str(output_dir))
-    return output_dir
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(str(folder))
+        loaded.tokenizer.save_pretrained(str(folder))
+
+    return write_output_folder(output_dir, write, kind="merged model", overwrite=overwrite)

@@ -33,12 +33,17 @@ def _locate(source: Path) -> tuple[Path, dict | None]:
     )
 
 
-def export_adapter(source: str | Path, output_dir: str | Path, format: str = "lora", model: str | None = None) -> Path:
+def export_adapter(source: str | Path, output_dir: str | Path, format: str = "lora", model: str | None = None,
+                   overwrite: bool = False) -> Path:
     """Load the adapter at ``source`` onto its base model and write a PEFT checkpoint to ``output_dir``.
 
     The base comes from ``model`` or, for a run directory, the run's config.json (quantised the same way as in
-    training, so the base-weight fingerprint check passes). Returns ``output_dir``.
+    training, so the base-weight fingerprint check passes). Returns ``output_dir``, which must be new or empty, or
+    (with ``overwrite``) an earlier export (:func:`~kasa_peft.experiments.rundir.write_output_folder`).
     """
+    from .rundir import check_output_folder, write_output_folder
+
+    check_output_folder(output_dir, "PEFT export", overwrite)
     if format not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {EXPORT_FORMATS}, got {format!r}.")
     adapter_dir, run = _locate(Path(source))
@@ -51,6 +56,5 @@ def export_adapter(source: str | Path, output_dir: str | Path, format: str = "lo
     num_labels = 1 if (run or {}).get("task") == "stsb" else 2
     loaded = load_model(model_name, kind, num_labels=num_labels, quantize=(run or {}).get("quantize"))
     kasa_model = KasaModel.from_pretrained(loaded.model, adapter_dir)
-    output_dir = Path(output_dir)
-    export_peft_checkpoint(kasa_model, output_dir, format=format)
-    return output_dir
+    return write_output_folder(output_dir, lambda folder: export_peft_checkpoint(kasa_model, folder, format=format),
+                               kind="PEFT export", overwrite=overwrite)

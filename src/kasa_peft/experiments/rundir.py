@@ -147,3 +147,50 @@ def open_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = Fa
         raise
     if moved:
         shutil.rmtree(aside)
+
+
+OUTPUT_MARKER = "kasa_output.json"
+
+
+def check_output_folder(output_dir: str | Path, kind: str, overwrite: bool = False) -> None:
+    """Raise :class:`RunDirError` unless :func:`write_output_folder` may write ``output_dir`` (call it before the work)."""
+    output_dir = Path(output_dir)
+    marker = _read_json(output_dir / OUTPUT_MARKER)
+    ours = isinstance(marker, dict) and marker.get("kind") == kind
+    if _is_nonempty_dir(output_dir) or (output_dir.exists() and not output_dir.is_dir()):
+        if not ours:
+            raise RunDirError(f"{output_dir} exists and was not written by this command ({kind}); nothing was changed. "
+                              "Choose a new output folder")
+        if not overwrite:
+            raise RunDirError(f"{output_dir} already holds a {kind}; pass --overwrite to replace it, or choose a new "
+                              "output folder")
+
+
+def write_output_folder(output_dir: str | Path, write, kind: str, overwrite: bool = False) -> Path:
+    """Write a command's output folder (``kasa merge``, ``kasa export``) without ever losing a user's files.
+
+    ``write(path)`` fills a fresh folder. It is built in a hidden sibling and renamed into place only once complete,
+    with a marker ``kasa_output.json`` (``{"kind": kind}``) inside, so a failure leaves no half-written output. An
+    existing non-empty ``output_dir`` is refused, unless ``overwrite`` is given *and* it carries the marker of an
+    earlier output of the same ``kind``; then it is replaced only after the new output is complete.
+    """
+    output_dir = Path(output_dir)
+    check_output_folder(output_dir, kind, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    try:
+        write(partial)
+        atomic_write_text(partial / OUTPUT_MARKER, json.dumps({"kind": kind, "schema": 1}) + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = output_dir.with_name(f".{output_dir.name}{REPLACED_SUFFIX}-{os.getpid()}")
+    if output_dir.exists():
+        output_dir.rename(old)  # an empty folder, or our own earlier output (checked above)
+    partial.rename(output_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return output_dir
