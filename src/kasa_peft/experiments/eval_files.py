@@ -156,6 +156,13 @@ def load_glue_eval_file(task: str, path: str | Path) -> list[dict]:
 _E2E_LAYOUTS = "a LoRA-format file ('MR||reference' lines) or an E2E CSV with header mr,ref (testset_w_refs.csv)"
 
 
+def _e2e_layout(first_line: str) -> str | None:
+    """"lora" for an ``MR||reference`` line, "csv" for an E2E CSV header with an ``mr`` column, else None."""
+    if SEPARATOR in first_line:
+        return "lora"
+    return "csv" if "mr" in [cell.strip().lower() for cell in next(csv.reader([first_line]), [])] else None
+
+
 def load_e2e_eval_file(path: str | Path) -> list[tuple[str, list[str]]]:
     """``(mr, references)`` per distinct MR (first-appearance order) of a LoRA-format file or an ``mr,ref`` CSV.
 
@@ -165,10 +172,10 @@ def load_e2e_eval_file(path: str | Path) -> list[tuple[str, list[str]]]:
     path = Path(path)
     text = _check_text_file(path, _E2E_LAYOUTS)
     first = next((line for line in text.replace("\r\n", "\n").split("\n") if line.strip()), "")
-    if SEPARATOR in first:
+    layout = _e2e_layout(first)
+    if layout == "lora":
         return group_by_mr(read_lora_format(path))
-    header = [cell.strip().lower() for cell in next(csv.reader([first]), [])]
-    if "mr" in header:
+    if layout == "csv":
         lines = csv_to_lora_lines(path)
         return group_by_mr([(mr.strip(), ref.strip()) for mr, ref in (line.split(SEPARATOR) for line in lines)])
     raise DataError(f"{path}: not an E2E references file; expected {_E2E_LAYOUTS} (first line: {first[:80]!r})")
@@ -212,9 +219,7 @@ def has_e2e_mrs(path: str | Path) -> bool:
             first = next((line for line in fh if line.strip()), "")
     except OSError:
         return False
-    if SEPARATOR in first:
-        return True
-    return "mr" in [cell.strip().lower() for cell in next(csv.reader([first]), [])]
+    return _e2e_layout(first) is not None
 
 
 def references_for_run_mrs(run_mrs: list[str], file_groups: list[tuple[str, list[str]]], path: str | Path) -> list[list[str]]:
