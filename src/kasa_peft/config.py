@@ -59,12 +59,14 @@ class KasaConfig:
             "replicating their numbers."
         },
     )
-    truncation_method: Literal["gram_eigh", "svd", "krylov"] = field(
-        default="gram_eigh",
+    truncation_method: Literal["partial_eigh", "gram_eigh", "svd", "krylov"] = field(
+        default="partial_eigh",
         metadata={
-            "help": "How to find the minor components: 'gram_eigh' (float64 Gram + eigh, fast), 'svd' (float64 full "
-            "SVD, reference) or 'krylov' (float64 Gram + certified iterative solver for the r smallest eigenpairs; "
-            "matrices it cannot certify are recomputed by gram_eigh and logged)."
+            "help": "How to find the minor components: 'partial_eigh' (float64 Gram + LAPACK's partial eigensolver for "
+            "the r smallest eigenpairs only, checked; the default, 3-4× faster than gram_eigh on CPU; off the CPU it "
+            "runs gram_eigh), 'gram_eigh' (float64 Gram + full eigh), 'svd' (float64 full SVD, reference) or 'krylov' "
+            "(float64 Gram + certified iterative solver for the r smallest eigenpairs). Matrices that partial_eigh or "
+            "krylov cannot check/certify are recomputed by gram_eigh and logged."
         },
     )
     truncate: bool = field(

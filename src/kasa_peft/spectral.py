@@ -7,11 +7,18 @@ singular triplets::
     W_world = W − W_minor               (the frozen base the adapter trains against)
 
 This module finds ``W_minor`` as two factors, ``minor_u_sigma = U_r Σ_r`` (out × r) and ``minor_vh = V_rᵀ``
-(r × in), by one of two paths:
+(r × in), by one of these paths:
 
 ``"svd"``
     float64 full SVD — the reference. O(out·in·k) and slow for large matrices.
-``"gram_eigh"`` (default)
+``"partial_eigh"`` (default)
+    the same float64 Gram as ``gram_eigh`` (one ``dsyrk``, half a GEMM), but only its r smallest eigenpairs, by
+    LAPACK's partial solver (``partial_eigh.py``: tridiagonalisation, bisection by Sturm counts, inverse
+    iteration). A direct, backward-stable method like the full ``eigh``, at the cost of the tridiagonal reduction
+    alone. Every result is checked from W (residual and orthonormality); a matrix that fails, or that LAPACK did not
+    converge, is recomputed by ``gram_eigh`` and logged. CPU only: on another device the weights go to ``gram_eigh``
+    on that device (counted as dense in the report), since torch has no partial eigensolver there.
+``"gram_eigh"``
     float64 eigendecomposition of the smaller Gram matrix. For out ≥ in, ``G = WᵀW`` (in × in) has eigenpairs
     ``(σ_i², v_i)``; its r smallest eigenvectors span the minor right subspace, and ``W V_r = U_r Σ_r`` directly
     (no division by tiny σ). For out < in, ``G = WWᵀ`` gives ``U_r`` and ``U_rᵀ W = Σ_r V_rᵀ``. Forming G costs one
@@ -37,18 +44,21 @@ compare products, not factors.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from .minor_solver import SolverSettings, smallest_eigenpairs
 
 logger = logging.getLogger(__name__)
 
-TruncationMethod = Literal["gram_eigh", "svd", "krylov"]
-TRUNCATION_METHODS: tuple[str, ...] = ("gram_eigh", "svd", "krylov")
+TruncationMethod = Literal["partial_eigh", "gram_eigh", "svd", "krylov"]
+TRUNCATION_METHODS: tuple[str, ...] = ("partial_eigh", "gram_eigh", "svd", "krylov")
+DEFAULT_TRUNCATION_METHOD: TruncationMethod = "partial_eigh"
 
 # Upper bound on the float64 working set of one batched eigh call; keeps a 7B model's 4096² weights
 # (128 MiB each in float64) from being stacked all at once.
@@ -113,10 +123,12 @@ class TruncationReport:
     """What the truncation of a set of weights did, per path (filled by ``truncate_many``).
 
     Attributes:
-        certified: matrices solved by the iterative ``krylov`` path and certified.
-        fallback: matrices whose certificate failed and that were recomputed by the dense path.
-        direct: matrices sent straight to a dense path (method ``gram_eigh``/``svd``, or a problem too small to iterate).
-        iterations: block solves per certified matrix.
+        certified: matrices solved by a minor-only path (``krylov``, ``partial_eigh``) that passed its certificate
+            or check.
+        fallback: matrices whose certificate or check failed and that were recomputed by the dense path.
+        direct: matrices sent straight to a dense path (method ``gram_eigh``/``svd``, a problem too small to iterate,
+            or ``partial_eigh`` on a non-CPU device).
+        iterations: block solves per matrix certified by ``krylov``.
         fallback_reasons: "name: reason" per fallback.
     """
 
@@ -209,12 +221,7 @@ def minor_components_krylov(
             vectors[failed] = dense[..., :, :r]
             for index in failed.tolist():
                 label = names[index] if names is not None else f"matrix {index} of a batch of {b}"
-                reason = outcome.reasons[index]
-                logger.warning(
-                    "KaSA truncation: %s (%d×%d) uncertified by the iterative solver (%s); used the exact dense eigh.",
-                    label, w64.shape[-2], w64.shape[-1], reason,
-                )
-                report.fallback_reasons.append(f"{label}: {reason}")
+                _log_fallback(report, label, w64.shape, "krylov", f"uncertified: {outcome.reasons[index]}")
         report.fallback += len(failed)
         certified_iterations = outcome.iterations[outcome.certified]
         report.certified += len(certified_iterations)
@@ -223,6 +230,67 @@ def minor_components_krylov(
     if single:
         return MinorComponents(minor.minor_u_sigma[0], minor.minor_vh[0], minor.singular_values[0])
     return minor
+
+
+def _log_fallback(report: TruncationReport, label: str, shape: Sequence[int], path: str, reason: str) -> None:
+    logger.warning(
+        "KaSA truncation: %s (%d×%d) not solved by the %s path (%s); used the exact dense eigh.",
+        label, shape[-2], shape[-1], path, reason,
+    )
+    report.fallback_reasons.append(f"{label}: {reason}")
+
+
+def minor_components_partial_eigh(
+    weight: torch.Tensor,
+    r: int,
+    names: Sequence[str] | None = None,
+    report: TruncationReport | None = None,
+) -> MinorComponents:
+    """Default path: float64 Gram + LAPACK's partial eigensolver for the r smallest eigenpairs only (CPU).
+
+    ``weight`` is (out × in) or a batch (b × out × in). Implements the same equations as ``gram_eigh`` (V_r = the r
+    minor eigenvectors of WᵀW, ``U_rΣ_r = W V_r``; WWᵀ for out < in), one matrix at a time (LAPACK is not batched,
+    and a float64 copy of one matrix stays in cache). Each result is checked (``partial_eigh.eigenpairs_hold``); a
+    failure is recomputed by the dense ``eigh``, logged and counted in ``report``. ``names`` (one per matrix) label
+    the log and error lines. Off the CPU this is ``gram_eigh`` on the weight's device, counted as dense.
+    """
+    from .partial_eigh import lapack_threads, partial_minor
+
+    check_truncation_rank(r, weight.shape)
+    report = report if report is not None else TruncationReport()
+    single = weight.ndim == 2
+    if weight.device.type != "cpu":
+        _check_finite(weight, names)
+        report.direct += 1 if single else weight.shape[0]
+        return minor_components_gram_eigh(weight, r)
+    batch = weight.detach()[None] if single else weight.detach()
+    found: list[MinorComponents] = []
+    with lapack_threads():
+        for index in range(batch.shape[0]):
+            # NumPy has no bfloat16: other dtypes are cast by torch, float32/float64 by NumPy (≈ 5× faster).
+            matrix = batch[index]
+            if matrix.dtype in (torch.float32, torch.float64):
+                w64 = np.ascontiguousarray(matrix.numpy(), dtype=np.float64)
+            else:
+                w64 = matrix.to(torch.float64).contiguous().numpy()
+            result = partial_minor(w64, r)
+            if not math.isfinite(result.squared_norm):
+                _raise_non_finite(batch, names)
+            if result.reason is None:
+                report.certified += 1
+                found.append(MinorComponents(result.minor_u_sigma, result.minor_vh, result.singular_values))
+                continue
+            label = names[index] if names is not None else f"matrix {index} of a batch of {batch.shape[0]}"
+            _log_fallback(report, label, batch.shape, "partial_eigh", result.reason)
+            report.fallback += 1
+            found.append(minor_components_gram_eigh(torch.from_numpy(w64), r))
+    if single:
+        return found[0]
+    return MinorComponents(
+        torch.stack([m.minor_u_sigma for m in found]),
+        torch.stack([m.minor_vh for m in found]),
+        torch.stack([m.singular_values for m in found]),
+    )
 
 
 def _check_finite(weight: torch.Tensor, names: Sequence[str] | None = None) -> None:
@@ -235,7 +303,7 @@ def _check_finite(weight: torch.Tensor, names: Sequence[str] | None = None) -> N
 def truncate_minor_components(
     weight: torch.Tensor,
     r: int,
-    method: TruncationMethod = "gram_eigh",
+    method: TruncationMethod = DEFAULT_TRUNCATION_METHOD,
     names: Sequence[str] | None = None,
     report: TruncationReport | None = None,
 ) -> MinorComponents:
@@ -244,6 +312,8 @@ def truncate_minor_components(
         raise ValueError(f"Unknown truncation method {method!r}; choose one of {TRUNCATION_METHODS}.")
     if method == "krylov":
         return minor_components_krylov(weight, r, names=names, report=report)
+    if method == "partial_eigh":
+        return minor_components_partial_eigh(weight, r, names=names, report=report)
     _check_finite(weight, names)
     if report is not None:
         report.direct += weight.shape[0] if weight.ndim == 3 else 1
@@ -255,7 +325,7 @@ def truncate_minor_components(
 def truncate_many(
     weights: Sequence[torch.Tensor],
     r: int,
-    method: TruncationMethod = "gram_eigh",
+    method: TruncationMethod = DEFAULT_TRUNCATION_METHOD,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     names: Sequence[str] | None = None,
     report: TruncationReport | None = None,
@@ -271,8 +341,19 @@ def truncate_many(
     report = report if report is not None else TruncationReport()
     results: list[MinorComponents | None] = [None] * len(weights)
     groups: dict[tuple, list[int]] = {}
+    if method == "partial_eigh":
+        from .partial_eigh import lapack_threads
+
+        # LAPACK works on one matrix at a time: CPU weights are not stacked (a float64 stack of a model's MLP weights
+        # costs more to build than the Gram of one of them).
+        with lapack_threads():
+            for index, weight in enumerate(weights):
+                if weight.device.type == "cpu":
+                    label = [names[index]] if names is not None else None
+                    results[index] = minor_components_partial_eigh(weight, r, names=label, report=report)
     for index, weight in enumerate(weights):
-        groups.setdefault((tuple(weight.shape), weight.device), []).append(index)
+        if results[index] is None:
+            groups.setdefault((tuple(weight.shape), weight.device), []).append(index)
     for (shape, _device), indices in groups.items():
         factors = 3 if method == "krylov" else 1
         per_matrix_bytes = 8 * (shape[0] * shape[1] + factors * min(shape) ** 2)
@@ -292,6 +373,12 @@ def truncate_many(
             f"KaSA truncation (krylov): {len(weights)} matrices, {report.certified} certified iteratively"
             f"{f' (block solves {min(iterations)}–{max(iterations)})' if iterations else ''}, "
             f"{report.fallback} dense fallbacks, {report.direct} dense because small."
+        )
+        logger.log(logging.WARNING if report.fallback else logging.INFO, summary)
+    elif method == "partial_eigh" and weights:
+        summary = (
+            f"KaSA truncation (partial_eigh): {len(weights)} matrices, {report.certified} by the partial "
+            f"eigensolver and checked, {report.fallback} dense fallbacks, {report.direct} dense off the CPU."
         )
         logger.log(logging.WARNING if report.fallback else logging.INFO, summary)
     return results  # type: ignore[return-value]

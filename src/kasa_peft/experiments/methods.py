@@ -89,7 +89,7 @@ def _init_milora(peft_model: nn.Module, adapter_name: str = "default") -> int:
         weight = layer.get_base_layer().weight
         weights.append(weight.T if layer.fan_in_fan_out else weight)
     r = layers[0].r[adapter_name]
-    minors = truncate_many(weights, r, "gram_eigh")
+    minors = truncate_many(weights, r)
     with torch.no_grad():
         for layer, weight, minor in zip(layers, weights, minors):
             root_sigma = minor.singular_values.clamp_min(0).sqrt()
