@@ -72,6 +72,27 @@ def test_eigenpairs_hold_accepts_true_pairs_and_rejects_each_kind_of_wrong_one()
     assert not eigenpairs_hold(gram, lam_repeated, repeated, scale)
 
 
+def test_eigenpairs_hold_bounds_each_column_residual_at_the_documented_tolerance():
+    # G = diag(λ) plus off-diagonal entries c·tol·tr G linking each of the 5 claimed vectors e_i to one shared row
+    # j = 30: every column's residual is exactly c·tol·tr G, while the row-30 and whole-matrix norms are √5 times that.
+    k, r, j = 40, 5, 30
+    tolerance = partial_eigh.CHECK_SLACK * k * partial_eigh.EPS64
+    lam = np.linspace(1.0, 2.0, k)
+    for factor, expected in ((0.6, True), (1.5, False)):
+        gram = np.diag(lam)
+        scale = float(np.trace(gram))  # the off-diagonal coupling leaves the trace alone
+        gram[j, :r] = gram[:r, j] = factor * tolerance * scale
+        assert eigenpairs_hold(gram, lam[:r], np.eye(k)[:, :r], scale) is expected, factor
+
+
+def test_partial_minor_reports_a_non_finite_weight_instead_of_solving():
+    weight = np.ones((12, 8))
+    weight[3, 2] = np.nan
+    result = partial_minor(weight, 2)
+    assert not np.isfinite(result.squared_norm)
+    assert result.reason == "non-finite weight" and result.minor_u_sigma is None
+
+
 def test_partial_minor_gives_the_svd_factors_for_tall_and_wide_weights():
     rng = np.random.default_rng(2)
     for shape in [(60, 40), (40, 60)]:
