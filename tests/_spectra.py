@@ -86,3 +86,14 @@ def real_weights(path: Path | None, suffixes: list[str], reason: str) -> list[to
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
         return [handle.get_tensor(next(k for k in keys if k.endswith(s))).to(F64) for s in suffixes]
+
+
+def log_records(caplog, text: str) -> list:
+    """The captured log records whose message contains ``text``."""
+    return [record for record in caplog.records if text in record.getMessage()]
+
+
+def assert_matches_dense_reference(weights: list[torch.Tensor], minors: list, r: int) -> None:
+    """A dense fallback is exact: each dropped part equals the float64 SVD's."""
+    for weight, minor in zip(weights, minors):
+        torch.testing.assert_close(minor.product(), minor_components_svd(weight, r).product(), rtol=1e-7, atol=1e-9)

