@@ -1,8 +1,8 @@
 """The r smallest eigenpairs of a weight's float64 Gram matrix by LAPACK's partial symmetric eigensolver (CPU).
 
 KaSA needs only the r minor singular triplets of each weight ``W`` (out × in, k = min(out, in)). A full ``eigh`` of
-the Gram matrix computes all k eigenvectors and back-transforms all of them (≈ 9k³ flops with divide and conquer);
-what the r smallest cost is only the reduction to tridiagonal form. Per matrix, in float64::
+the Gram matrix computes all k eigenvectors and back-transforms all of them; the r smallest need little beyond the
+reduction to tridiagonal form. Per matrix, in float64::
 
     G = WᵀW (out ≥ in) or WWᵀ     one BLAS ``dsyrk``: the upper triangle only, half the flops of a GEMM
     T = Qᵀ G Q                     Householder tridiagonalisation (``dsytrd``, 4/3·k³ flops)
@@ -14,9 +14,9 @@ what the r smallest cost is only the reduction to tridiagonal form. Per matrix, 
 This is LAPACK's ``dsyevr`` with ``range='I'`` (for a partial spectrum it runs ``dstebz`` + ``dstein``). It is a
 direct, backward-stable method with the same accuracy class as the full ``eigh``: the pairs are exact for a matrix
 within ≈ k·ε·‖G‖ of G, which is also how exactly G itself is known. What it is not guaranteed to do is converge:
-``dstein`` reports vectors that did not (``info > 0``), and the caller also checks the result a posteriori
-(``check_minor_eigenpairs``: residual and orthonormality from W itself) and recomputes any matrix that fails with
-the dense ``eigh``, logged.
+``dstein`` reports vectors that did not (``info > 0``), and every result is also checked a posteriori
+(``eigenpairs_hold``: residual against G and orthonormality); the caller recomputes any matrix that fails with the
+dense ``eigh``, logged.
 
 SciPy's LAPACK runs in its own BLAS thread pool; ``lapack_threads`` holds it to torch's thread count, so
 ``torch.set_num_threads`` is the one knob for the whole init.

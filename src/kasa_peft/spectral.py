@@ -15,7 +15,7 @@ This module finds ``W_minor`` as two factors, ``minor_u_sigma = U_r Σ_r`` (out 
     the same float64 Gram as ``gram_eigh`` (one ``dsyrk``, half a GEMM), but only its r smallest eigenpairs, by
     LAPACK's partial solver (``partial_eigh.py``: tridiagonalisation, bisection by Sturm counts, inverse
     iteration). A direct, backward-stable method like the full ``eigh``, at the cost of the tridiagonal reduction
-    alone. Every result is checked from W (residual and orthonormality); a matrix that fails, or that LAPACK did not
+    alone. Every result is checked (residual against G, orthonormality); a matrix that fails, or that LAPACK did not
     converge, is recomputed by ``gram_eigh`` and logged. CPU only: on another device the weights go to ``gram_eigh``
     on that device (counted as dense in the report), since torch has no partial eigensolver there.
 ``"gram_eigh"``
