@@ -78,6 +78,9 @@ def test_yaml_values_are_coerced_by_field_type(tmp_path):
         ("learning_rat: 0.1\n", ["run.yaml: learning_rat", "did you mean 'learning_rate'"]),
         ("task: sst2\n  method: [lora\n", ["run.yaml:", "invalid YAML"]),
         ("- task\n- sst2\n", ["run.yaml must hold a mapping"]),
+        ("task: sst2\ntruncation_guard: loud\n", ["run.yaml: truncation_guard = 'loud'", "must be one of off, warn, skip"]),
+        ("task: sst2\ntruncation_basis: grams\n", ["run.yaml: truncation_basis = 'grams'", "must be one of weight"]),
+        ("task: sst2\nregularization_form: mine\n", ["run.yaml: regularization_form = 'mine'", "must be one of paper"]),
     ],
 )
 def test_config_file_mistakes_name_the_file_and_key(tmp_path, text, expected):

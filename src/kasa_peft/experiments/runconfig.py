@@ -118,12 +118,12 @@ class RunConfig:
             )
         from kasa_peft.config import TRUNCATION_BASES, TRUNCATION_GUARDS
 
-        if self.truncation_guard is not None and self.truncation_guard not in TRUNCATION_GUARDS:
-            raise ValueError(f"truncation_guard must be one of {', '.join(TRUNCATION_GUARDS)}, got {self.truncation_guard!r}.")
-        if self.truncation_basis not in TRUNCATION_BASES:
-            raise ValueError(f"truncation_basis must be one of {', '.join(TRUNCATION_BASES)}, got {self.truncation_basis!r}.")
-        if self.regularization_form not in REGULARIZATION_FORMS:
-            raise ValueError(f"regularization_form must be one of {', '.join(REGULARIZATION_FORMS)}, got {self.regularization_form!r}.")
+        choices = {"truncation_guard": TRUNCATION_GUARDS, "truncation_basis": TRUNCATION_BASES,
+                   "regularization_form": REGULARIZATION_FORMS}
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            if not (value is None and key == "truncation_guard") and value not in allowed:
+                raise ConfigError(key, value, f"must be one of {', '.join(allowed)}")
 
     @property
     def beams(self) -> int:
