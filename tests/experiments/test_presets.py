@@ -121,7 +121,7 @@ def test_print_config_prints_the_resolved_config_without_loading_a_model(monkeyp
 
 def test_bad_regularization_form_is_one_line():
     result = runner.invoke(app, ["train", "--regularization-form", "mine", "--print-config"])
-    assert result.exit_code != 0 and "regularization_form must be one of paper, authors" in result.output
+    assert result.exit_code != 0 and "--regularization-form mine: must be one of paper, authors" in result.output
 
 
 def test_budget_records_every_cap_against_the_preset():

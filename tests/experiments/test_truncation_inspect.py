@@ -111,7 +111,8 @@ def test_harness_passes_guard_and_basis_through_to_kasa():
 
 @pytest.mark.parametrize("field, value", [("truncation_guard", "loud"), ("truncation_basis", "input")])
 def test_run_config_refuses_unknown_guard_or_basis(field, value):
-    from kasa_peft.experiments.runconfig import RunConfig
+    from kasa_peft.experiments.runconfig import ConfigError, RunConfig
 
-    with pytest.raises(ValueError, match=f"{field} must be one of"):
+    with pytest.raises(ConfigError, match=f"{field} = '{value}': must be one of") as caught:
         RunConfig(**{field: value})
+    assert caught.value.key == field
