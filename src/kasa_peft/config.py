@@ -63,7 +63,7 @@ class KasaConfig:
         default="partial_eigh",
         metadata={
             "help": "How to find the minor components: 'partial_eigh' (float64 Gram + LAPACK's partial eigensolver for "
-            "the r smallest eigenpairs only, checked; the default, ≈ 2.4× faster init than gram_eigh on CPU; off the CPU it "
+            "the r smallest eigenpairs only, checked; the default, 2.1–2.4× faster init than gram_eigh on CPU; off the CPU it "
             "runs gram_eigh), 'gram_eigh' (float64 Gram + full eigh), 'svd' (float64 full SVD, reference) or 'krylov' "
             "(float64 Gram + certified iterative solver for the r smallest eigenpairs). Matrices that partial_eigh or "
             "krylov cannot check/certify are recomputed by gram_eigh and logged."

@@ -118,12 +118,14 @@ class RunConfig:
             )
         from kasa_peft.config import TRUNCATION_BASES, TRUNCATION_GUARDS
 
-        choices = {"truncation_guard": TRUNCATION_GUARDS, "truncation_basis": TRUNCATION_BASES,
-                   "regularization_form": REGULARIZATION_FORMS}
-        for key, allowed in choices.items():
-            value = getattr(self, key)
-            if not (value is None and key == "truncation_guard") and value not in allowed:
-                raise ConfigError(key, value, f"must be one of {', '.join(allowed)}")
+        if self.truncation_guard is not None and self.truncation_guard not in TRUNCATION_GUARDS:
+            raise ConfigError("truncation_guard", self.truncation_guard, f"must be one of {', '.join(TRUNCATION_GUARDS)}")
+        if self.truncation_basis not in TRUNCATION_BASES:
+            raise ConfigError("truncation_basis", self.truncation_basis, f"must be one of {', '.join(TRUNCATION_BASES)}")
+        if self.regularization_form not in REGULARIZATION_FORMS:
+            raise ConfigError(
+                "regularization_form", self.regularization_form, f"must be one of {', '.join(REGULARIZATION_FORMS)}"
+            )
 
     @property
     def beams(self) -> int:
