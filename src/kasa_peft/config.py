@@ -15,7 +15,7 @@ from .spectral import TRUNCATION_METHODS
 CONFIG_NAME = "kasa_config.json"
 REGULARIZATION_FORMS = ("paper", "authors")
 ADAPTER_TYPES = ("kasa", "lora")
-TRUNCATION_GUARDS = ("off", "warn", "skip")
+TRUNCATION_GUARDS = ("off", "warn", "skip", "budget")
 TRUNCATION_BASES = ("weight", "activation")
 
 
@@ -76,14 +76,18 @@ class KasaConfig:
         default="kasa",
         metadata={"help": "'kasa', or 'lora' for a plain LoRA adapter (no truncation, no σ) living in the same model."},
     )
-    truncation_guard: Literal["off", "warn", "skip"] = field(
+    truncation_guard: Literal["off", "warn", "skip", "budget"] = field(
         default="warn",
         metadata={
             "help": "What to do, when calibration_batches are passed at creation, with modules whose truncation "
             "changes their calibration output by more than truncation_guard_max_output_change (or, if set, the "
             "calibration loss by more than truncation_guard_max_loss_increase): 'off' (the paper: truncate all, "
             "measure nothing), 'warn' (truncate all, warn naming them), 'skip' (keep those modules untruncated; "
-            "they are recorded in truncation_skipped_modules). See docs/truncation.md."
+            "they are recorded in truncation_skipped_modules). 'budget' ignores both thresholds: it keeps the "
+            "fewest modules whole, in order of output change, such that the calibration loss stays within "
+            "truncation_guard_loss_tolerance of the original model's (needs labelled batches; at most "
+            "2 + ceil(log2 n) calibration passes for n modules; recorded in truncation_skipped_modules). "
+            "See docs/truncation.md."
         },
     )
     truncation_guard_max_output_change: float = field(
@@ -98,6 +102,13 @@ class KasaConfig:
         metadata={
             "help": "Optional second guard threshold (> 0): largest allowed calibration-loss increase when only that "
             "module is truncated (one extra forward pass per module; the batches need labels)."
+        },
+    )
+    truncation_guard_loss_tolerance: float = field(
+        default=0.05,
+        metadata={
+            "help": "truncation_guard='budget' only: relative tolerance (> 0) on the whole model's calibration loss; "
+            "the guard keeps modules whole until loss <= L_orig + tolerance*|L_orig| (0.05 = within 5 %)."
         },
     )
     truncation_basis: Literal["weight", "activation"] = field(
@@ -156,6 +167,9 @@ class KasaConfig:
             raise ValueError(
                 f"KasaConfig.truncation_guard_max_loss_increase must be None or a finite number > 0, got {loss_threshold!r}."
             )
+        tolerance = self.truncation_guard_loss_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.0 < float(tolerance) < float("inf"):
+            raise ValueError(f"KasaConfig.truncation_guard_loss_tolerance must be a finite number > 0, got {tolerance!r}.")
         if self.truncation_basis not in TRUNCATION_BASES:
             raise ValueError(f"KasaConfig.truncation_basis must be one of {TRUNCATION_BASES}, got {self.truncation_basis!r}.")
         damping = self.activation_damping

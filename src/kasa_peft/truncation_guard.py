@@ -8,7 +8,10 @@ Called once per new adapter from ``KasaModel`` (never on load: a saved adapter c
 2. modules listed in ``config.truncation_skipped_modules`` are not truncated at all;
 3. with calibration batches and ``truncation_guard`` ≠ ``"off"``, the truncation report is measured (one pass, see
    ``truncation_report``) and modules over ``truncation_guard_max_output_change`` (or, if set,
-   ``truncation_guard_max_loss_increase``) are named in a warning (``"warn"``) or kept untruncated (``"skip"``).
+   ``truncation_guard_max_loss_increase``) are named in a warning (``"warn"``) or kept untruncated (``"skip"``);
+   with ``"budget"``, the fewest modules in order of output change are kept untruncated such that the calibration
+   loss stays within ``truncation_guard_loss_tolerance`` of the original (``truncation_budget``; at most
+   2 + ⌈log₂ n⌉ calibration passes).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .activation_basis import activation_minor_components
 from .config import KasaConfig
 from .base_layers import check_weight_readable, dense_weight, truncate_layers
 from .spectral import MinorComponents
+from .truncation_budget import choose_modules_to_keep
 from .truncation_report import (
     TruncationReport,
     signature_model,
@@ -83,12 +87,13 @@ def plan_truncation(
             f"KasaConfig.truncation_skipped_modules names modules that are not targets: {unknown[:6]}; use full module "
             f"paths among the targets (e.g. {names[:2]})."
         )
-    needs_data = config.truncation_basis == "activation" or config.truncation_guard == "skip"
+    needs_data = config.truncation_basis == "activation" or config.truncation_guard in ("skip", "budget")
     batches = None
     if calibration_batches is not None:
         batches = check_calibration_batches(calibration_batches, signature_model(model))
     elif needs_data:
-        what = "truncation_basis='activation'" if config.truncation_basis == "activation" else "truncation_guard='skip'"
+        what = ("truncation_basis='activation'" if config.truncation_basis == "activation"
+                else f"truncation_guard={config.truncation_guard!r}")
         raise ValueError(
             f"KasaConfig {what} needs calibration data: pass calibration_batches=[tokenizer(text, "
             "return_tensors='pt'), ...] to get_kasa_model / add_adapter."
@@ -114,7 +119,27 @@ def plan_truncation(
     by_name.update(zip(to_truncate, found))
 
     report = None
-    if config.truncation_guard != "off" and batches is not None:
+    if config.truncation_guard == "budget":
+        report = measure_truncation(model, dict(base_layers), by_name, batches, basis=config.truncation_basis)
+        decision = choose_modules_to_keep(
+            model, dict(base_layers), by_name, batches, report, config.truncation_guard_loss_tolerance
+        )
+        kept = set(decision.kept_whole)
+        for module in report.modules:
+            module.flagged = module.name in kept
+        report.notes.append(f"truncation_guard='budget': {decision.summary()}")
+        if kept:
+            warnings.warn(
+                f"KaSA truncation guard (truncation_guard='budget'): {decision.summary()}: {_format_flagged(report)}.",
+                TruncationGuardWarning,
+                stacklevel=4,
+            )
+            for name in kept:
+                by_name[name] = None
+            config = dataclasses.replace(config, truncation_skipped_modules=sorted(kept_whole | kept))
+        else:
+            logger.info("KaSA truncation guard: %s", decision.summary())
+    elif config.truncation_guard != "off" and batches is not None:
         report = measure_truncation(
             model, dict(base_layers), by_name, batches,
             per_module_loss=config.truncation_guard_max_loss_increase is not None,

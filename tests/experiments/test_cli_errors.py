@@ -40,6 +40,8 @@ def _one_error_line(result) -> str:
         ("--learning-rate", "nan", "finite"),
         ("--train-limit", "0", "greater than or equal to 1"),
         ("--seed", "-3", "greater than or equal to 0"),
+        ("--truncation-guard-loss-tolerance", "0", "greater than 0"),
+        ("--truncation-guard-loss-tolerance", "0.05", "only used with truncation_guard budget"),
     ],
 )
 def test_out_of_range_flags_name_the_flag_and_the_range(tmp_path, flag, value, allowed):
@@ -80,6 +82,8 @@ def test_yaml_values_are_coerced_by_field_type(tmp_path):
         ("- task\n- sst2\n", ["run.yaml must hold a mapping"]),
         ("task: sst2\ntruncation_guard: loud\n", ["run.yaml: truncation_guard = 'loud'", "must be one of off, warn, skip"]),
         ("task: sst2\ntruncation_basis: grams\n", ["run.yaml: truncation_basis = 'grams'", "must be one of weight"]),
+        ("task: sst2\ntruncation_guard: budget\ntruncation_guard_loss_tolerance: -1\n",
+         ["run.yaml: truncation_guard_loss_tolerance = -1", "greater than 0"]),
         ("task: sst2\nregularization_form: mine\n", ["run.yaml: regularization_form = 'mine'", "must be one of paper"]),
     ],
 )

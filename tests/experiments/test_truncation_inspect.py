@@ -116,3 +116,44 @@ def test_run_config_refuses_unknown_guard_or_basis(field, value):
     with pytest.raises(ConfigError, match=f"{field} = '{value}': must be one of") as caught:
         RunConfig(**{field: value})
     assert caught.value.key == field
+
+
+def test_budget_guard_reaches_kasa_config_from_the_flags():
+    """`--truncation-guard budget --truncation-guard-loss-tolerance T` → RunConfig → AdapterSettings → KasaConfig."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kasa_peft.experiments.methods import AdapterSettings, prepare_model
+
+    result = runner.invoke(app, ["train", "--task", "e2e", "--model", "tiny-llama", "--truncation-guard", "budget",
+                                 "--truncation-guard-loss-tolerance", "0.02", "--print-config"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    assert (printed["truncation_guard"], printed["truncation_guard_loss_tolerance"]) == ("budget", 0.02)
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    settings = AdapterSettings(r=2, target_modules=["q_proj", "v_proj"], truncation_guard="budget",
+                               truncation_guard_loss_tolerance=0.02, calibration_batches=[{"input_ids": ids, "labels": ids}])
+    config = prepare_model(llama, "kasa", settings).model.peft_config["default"]
+    assert (config.truncation_guard, config.truncation_guard_loss_tolerance) == ("budget", 0.02)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"truncation_guard": "budget", "truncation_guard_loss_tolerance": 0}, "greater than 0"),
+        ({"truncation_guard": "budget", "truncation_guard_loss_tolerance": float("inf")}, "finite"),
+        ({"truncation_guard": "skip", "truncation_guard_loss_tolerance": 0.05}, "only used with truncation_guard budget"),
+        ({"truncation_guard_loss_tolerance": 0.05}, "only used with truncation_guard budget"),
+    ],
+)
+def test_run_config_refuses_a_bad_or_unused_loss_tolerance(values, message):
+    from kasa_peft.experiments.runconfig import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        RunConfig(**values)
+    assert caught.value.key == "truncation_guard_loss_tolerance"
+    assert str(caught.value).startswith("truncation_guard_loss_tolerance = ")

@@ -156,7 +156,8 @@ RUN_FLAGS: tuple[tuple[str, type, str, tuple[str, ...]], ...] = (
     ("step0_eval", bool, "Evaluate before the first optimiser step (default on).", ()),
     ("judge_model", str, "instruction: a local judge model directory.", ()),
     ("quantize", str, "Load the base 4bit (nf4, QLoRA-style) or 8bit with bitsandbytes; pip install 'kasa-peft[quant]'.", ()),
-    ("truncation_guard", str, "kasa: off, warn or skip modules whose truncation changes their calibration output too much.", ()),
+    ("truncation_guard", str, "kasa: off, warn or skip modules whose truncation changes their calibration output too much; budget: keep the fewest modules whole that hold the calibration loss within --truncation-guard-loss-tolerance.", ()),
+    ("truncation_guard_loss_tolerance", float, "kasa, --truncation-guard budget: relative tolerance on the calibration loss (0.05 = within 5 %).", ()),
     ("truncation_basis", str, "kasa: weight (the paper) or activation (research variant, not the paper's method).", ()),
     ("calibration_examples", int, "kasa: training examples fed to the truncation guard / activation basis.", ()),
 )

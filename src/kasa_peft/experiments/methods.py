@@ -34,6 +34,7 @@ class AdapterSettings:
     gamma: float = 1e-3
     # KaSA only (see KasaConfig): None = the library default; calibration batches feed the guard / activation basis.
     truncation_guard: str | None = None
+    truncation_guard_loss_tolerance: float | None = None  # truncation_guard="budget" only
     truncation_basis: str = "weight"
     calibration_batches: list[dict] | None = None
     #: KaSA's regulariser form (``KasaConfig.regularization_form``): "paper" or "authors". Only ``kasa`` uses it.
@@ -115,6 +116,8 @@ def prepare_model(model: nn.Module, method: str, settings: AdapterSettings) -> P
             beta=settings.beta, gamma=settings.gamma, regularization_form=settings.regularization_form,
             truncation_basis=settings.truncation_basis,
             **({"truncation_guard": settings.truncation_guard} if settings.truncation_guard is not None else {}),
+            **({"truncation_guard_loss_tolerance": settings.truncation_guard_loss_tolerance}
+               if settings.truncation_guard_loss_tolerance is not None else {}),
         )
         model = get_kasa_model(model, config, calibration_batches=settings.calibration_batches)
         notes = [] if settings.regularization_form == "paper" else [f"kasa: regularization_form={settings.regularization_form!r}"]

@@ -76,7 +76,8 @@ class RunConfig:
     max_new_tokens: AtLeastOne = 32
     judge_model: str | None = field(default=None, metadata={"help": "Optional local judge model for 'instruction'."})
     quantize: str | None = field(default=None, metadata={"help": "Load the base with bitsandbytes: '4bit' (nf4, double quant) or '8bit'; needs kasa-peft[quant]."})
-    truncation_guard: str | None = field(default=None, metadata={"help": "kasa only: off, warn or skip (KasaConfig.truncation_guard); default: the library's."})
+    truncation_guard: str | None = field(default=None, metadata={"help": "kasa only: off, warn, skip or budget (KasaConfig.truncation_guard); default: the library's."})
+    truncation_guard_loss_tolerance: PositiveFloat | None = field(default=None, metadata={"help": "kasa, truncation_guard budget only: relative tolerance on the calibration loss (0.05 = within 5 % of the original); default: the library's."})
     truncation_basis: str = field(default="weight", metadata={"help": "kasa only: weight (the paper) or activation (research variant, not the paper's method)."})
     calibration_examples: NonNegativeInt = field(default=16, metadata={"help": "kasa only: training examples fed to the truncation guard / activation basis (first N; 0 = none)."})
     # --- protocol fields (issue 7): presets set them; flags and config files override them.
@@ -120,6 +121,12 @@ class RunConfig:
 
         if self.truncation_guard is not None and self.truncation_guard not in TRUNCATION_GUARDS:
             raise ConfigError("truncation_guard", self.truncation_guard, f"must be one of {', '.join(TRUNCATION_GUARDS)}")
+        if self.truncation_guard_loss_tolerance is not None and self.truncation_guard != "budget":
+            raise ConfigError(
+                "truncation_guard_loss_tolerance", self.truncation_guard_loss_tolerance,
+                f"only used with truncation_guard budget (truncation_guard is {self.truncation_guard or 'the default, warn'}); "
+                "set truncation_guard to budget or drop the tolerance",
+            )
         if self.truncation_basis not in TRUNCATION_BASES:
             raise ConfigError("truncation_basis", self.truncation_basis, f"must be one of {', '.join(TRUNCATION_BASES)}")
         if self.regularization_form not in REGULARIZATION_FORMS:

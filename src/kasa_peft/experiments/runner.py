@@ -128,7 +128,8 @@ def _train_and_evaluate(config: RunConfig, checkpoint: Path | None) -> dict[str,
         r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
         modules_to_save=_modules_to_save(loaded.model, family.kind), beta=config.beta, gamma=config.gamma,
         regularization_form=config.regularization_form,
-        truncation_guard=config.truncation_guard, truncation_basis=config.truncation_basis,
+        truncation_guard=config.truncation_guard, truncation_guard_loss_tolerance=config.truncation_guard_loss_tolerance,
+        truncation_basis=config.truncation_basis,
         calibration_batches=_calibration_batches(config, family, train_items, tokenizer),
     )
     set_seed(config.seed)  # adapter init independent of how much randomness model loading consumed
