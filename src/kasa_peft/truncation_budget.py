@@ -100,8 +100,8 @@ class BudgetDecision:
 
     def summary(self) -> str:
         return (
-            f"keeping {len(self.kept_whole)} of {len(self.order)} truncated modules whole keeps the calibration loss "
-            f"within {self.tolerance:.1%} of the original ({self.loss_original:.3f} → {self.loss_chosen:.3f}, target "
+            f"keeping {len(self.kept_whole)} of {len(self.order)} candidate modules whole keeps the calibration loss "
+            f"within {self.tolerance * 100:.3g} % of the original ({self.loss_original:.3f} → {self.loss_chosen:.3f}, target "
             f"≤ {self.search.target:.3f}; {self.loss_all_truncated:.3f} with all {len(self.order)} truncated; "
             f"{self.forward_passes} calibration passes)"
         )
