@@ -23,7 +23,7 @@ from transformers import LlamaForCausalLM
 
 from common import PRESETS, dtype_of, llama_config, machine_info, median, timed, write_json
 from kasa_peft import KasaConfig, KasaModel, get_kasa_model
-from kasa_peft.layer import weight_matrix
+from kasa_peft.base_layers import is_supported, weight_matrix
 from kasa_peft.spectral import (
     TruncationReport,
     minor_components_gram_eigh,
@@ -71,7 +71,7 @@ def accuracy(model, r: int, count: int) -> list[dict]:
     rows = []
     seen = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+        if is_supported(module) and "lm_head" not in name:
             shape = tuple(module.weight.shape)
             if shape in seen:
                 continue
@@ -97,7 +97,7 @@ def shape_table(model, r: int, device: str, repeats: int) -> list[dict]:
     """Per weight shape: truncation of all same-shaped targets (as at init), dense vs partial vs krylov, interleaved."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+        if is_supported(module) and "lm_head" not in name:
             groups.setdefault(tuple(module.weight.shape), []).append(weight_matrix(module).detach())
     rows = []
     for shape, weights in groups.items():

@@ -17,6 +17,8 @@ VARIANTS = {
     "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
     "int8": {"load_in_8bit": True},
 }
+# The registered base-layer kind (kasa_peft.base_layers.KINDS) each variant loads as.
+VARIANT_KINDS = {"nf4": "bnb-4bit", "nf4-dq": "bnb-4bit", "fp4": "bnb-4bit", "fp4-dq": "bnb-4bit", "int8": "bnb-8bit"}
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 

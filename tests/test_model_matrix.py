@@ -9,10 +9,11 @@ import pytest
 import torch
 from _factories import CASE_IDS, CASES, ModelCase
 
-import kasa_peft.base_layers as base_layers_module
+import kasa_peft.base_layers.access as base_layers_access
 import kasa_peft.model as kasa_model_module
 from kasa_peft import KasaConfig, KasaModel, get_kasa_model
-from kasa_peft.layer import KasaLayer, weight_matrix
+from kasa_peft.base_layers import KINDS, kind_of, weight_matrix
+from kasa_peft.layer import KasaLayer
 from kasa_peft.spectral import minor_components_svd
 
 R = 4
@@ -48,6 +49,15 @@ def _truncated_reference(original: torch.nn.Module, target_paths: list[str]) -> 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
 def case(request) -> ModelCase:
     return request.param
+
+
+def test_the_matrix_covers_every_dense_kind():
+    """Every kind that can be merged into in place runs this whole matrix (quantised kinds: tests/test_quantized.py)."""
+    covered = set()
+    for case in CASES:
+        model = get_kasa_model(case.build(), _config(case))
+        covered |= {kind_of(layer.base_layer).name for _, layer in model.kasa_layers()}
+    assert covered >= {kind.name for kind in KINDS if not kind.quantized and kind.name != "unsupported"}
 
 
 def test_init_equals_truncated_base(case):
@@ -124,8 +134,8 @@ def test_save_load_roundtrip_needs_no_svd(case, tmp_path, monkeypatch):
     def no_svd(*args, **kwargs):
         raise AssertionError("loading a saved adapter must not run a truncation")
 
-    # The truncation runs through model.plan_truncation → base_layers.truncate_layers → truncate_many.
-    monkeypatch.setattr(base_layers_module, "truncate_many", no_svd)
+    # The truncation runs through model.plan_truncation → base_layers.access.truncate_layers → truncate_many.
+    monkeypatch.setattr(base_layers_access, "truncate_many", no_svd)
     monkeypatch.setattr(kasa_model_module, "plan_truncation", no_svd)
     torch.manual_seed(1234)  # a different seed must not matter on reload
     loaded = KasaModel.from_pretrained(copy.deepcopy(original), tmp_path)

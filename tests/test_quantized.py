@@ -12,9 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from _quantized import TARGETS, VARIANTS, dequantized_reference, load_quantized, save_tiny_llama, token_inputs
+from _quantized import (
+    TARGETS,
+    VARIANT_KINDS,
+    VARIANTS,
+    dequantized_reference,
+    load_quantized,
+    save_tiny_llama,
+    token_inputs,
+)
 from kasa_peft import KasaConfig, KasaModel, get_kasa_model
-from kasa_peft.base_layers import require_bitsandbytes
+from kasa_peft.base_layers import KINDS, kind_of, require_bitsandbytes
 
 bnb = pytest.importorskip("bitsandbytes", reason='bitsandbytes is not installed: pip install "kasa-peft[quant]"')
 
@@ -41,6 +49,12 @@ def _randomize_adapters(model: KasaModel, seed: int = 0) -> None:
                 adapter.lora_B.copy_(0.1 * torch.randn(adapter.lora_B.shape, generator=generator))
 
 
+def test_every_quantised_kind_is_loaded_by_a_variant():
+    """Adding a quantised kind to the registry means adding the variants that load it here."""
+    assert set(VARIANT_KINDS) == set(VARIANTS)
+    assert set(VARIANT_KINDS.values()) == {kind.name for kind in KINDS if kind.quantized}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_truncation_comes_from_the_dequantised_weight_and_the_base_stays_packed(checkpoint_dir, variant):
     model = load_quantized(checkpoint_dir, variant)
@@ -49,8 +63,7 @@ def test_truncation_comes_from_the_dequantised_weight_and_the_base_stays_packed(
     layers = dict(kasa.kasa_layers())
     assert len(layers) == 2 * len(TARGETS)
     for name, layer in layers.items():
-        expected_kind = bnb.nn.Linear8bitLt if variant == "int8" else bnb.nn.Linear4bit
-        assert isinstance(layer.base_layer, expected_kind), name
+        assert kind_of(layer.base_layer).name == VARIANT_KINDS[variant], name
         u, s, vh = torch.linalg.svd(dequantized_reference(layer.base_layer), full_matrices=False)
         reference_minor = (u[:, -3:] * s[-3:]) @ vh[-3:]
         adapter = layer.kasa_adapters["default"]

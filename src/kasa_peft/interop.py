@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.pytorch_utils import Conv1D
 
 from . import checkpoint
-from .base_layers import is_quantized
-from .layer import KasaLayer, layer_shape
+from .base_layers import fan_in_fan_out, is_quantized, layer_shape
+from .layer import KasaLayer
 
 if TYPE_CHECKING:
     from .model import KasaModel
@@ -171,8 +170,7 @@ def export_peft_checkpoint(
     for module_path, layer in kasa_model.kasa_layers():
         if name not in layer.kasa_adapters:
             continue
-        is_conv1d = isinstance(layer.base_layer, Conv1D)
-        if format == "kasa" and is_conv1d:
+        if format == "kasa" and fan_in_fan_out(layer.base_layer):
             raise ValueError(
                 f"PEFT's KaSA rejects Conv1D layers ({module_path!r}); export with format='lora' instead."
             )
@@ -200,7 +198,7 @@ def export_peft_checkpoint(
             tensors[prefix + "lora_B.weight"] = torch.cat(lora_b, 1)
         paths.append(module_path)
     rank = config.r if format == "kasa" else (2 * config.r if config.uses_truncation else config.r)
-    fan_in_fan_out = any(isinstance(layer.base_layer, Conv1D) for _, layer in kasa_model.kasa_layers())
+    transposed = any(fan_in_fan_out(layer.base_layer) for _, layer in kasa_model.kasa_layers())
     peft_config = LoraConfig(
         r=rank,
         lora_alpha=config.lora_alpha if format == "kasa" else rank,  # "lora": scaling 1, everything is in B'
@@ -208,7 +206,7 @@ def export_peft_checkpoint(
         # An anchored regex of the exact paths: PEFT matches a list by suffix, so a list would also adapt any
         # unadapted module whose path ends with an adapted one's (e.g. "encoder.proj" for "proj").
         target_modules=exact_paths_regex(paths),
-        fan_in_fan_out=fan_in_fan_out,
+        fan_in_fan_out=transposed,
         kasa_config=PeftKasaConfig(beta=config.beta, gamma=config.gamma) if format == "kasa" else None,
         base_model_name_or_path=config.base_model_name_or_path,
     )

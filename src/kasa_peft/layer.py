@@ -18,12 +18,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .base_layers import SUPPORTED_LAYER_TYPES, can_merge_into, layer_shape, require_supported, weight_matrix
+from . import base_layers
 from .spectral import MinorComponents
 
-__all__ = ["KasaAdapter", "KasaLayer", "ModulesToSaveWrapper", "SUPPORTED_LAYER_TYPES", "layer_shape", "weight_matrix"]
+__all__ = ["KasaAdapter", "KasaLayer", "ModulesToSaveWrapper"]
 
 class KasaAdapter(nn.Module):
     """One adapter's tensors for one layer.
@@ -119,13 +118,13 @@ class KasaLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        require_supported(base_layer, type(base_layer).__name__)
+        base_layers.require_supported(base_layer, type(base_layer).__name__)
         self.base_layer = base_layer
         self.kasa_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
-        self.out_features, self.in_features = layer_shape(base_layer)
+        self.out_features, self.in_features = base_layers.layer_shape(base_layer)
 
     # Code in transformers and accelerate reads `.weight` / `.bias` off linear layers (dtype checks, tying).
     @property
@@ -137,7 +136,7 @@ class KasaLayer(nn.Module):
         return self.base_layer.bias
 
     def base_weight_matrix(self) -> torch.Tensor:
-        return weight_matrix(self.base_layer)
+        return base_layers.weight_matrix(self.base_layer)
 
     def add_adapter(self, name: str, adapter: KasaAdapter) -> None:
         if name in self.kasa_adapters:
@@ -165,16 +164,10 @@ class KasaLayer(nn.Module):
 
     def _shifted_weight(self, delta: torch.Tensor, sign: float) -> torch.Tensor:
         """``W + sign·delta`` in the weight's own layout and dtype, rounded once from a float32 (or wider) sum."""
-        weight = self.base_layer.weight
-        if isinstance(self.base_layer, Conv1D):
-            delta = delta.T
-        # Accumulate in float32 at least, so bf16 bases round once, not per term.
-        accum = torch.promote_types(weight.dtype, torch.float32)
-        return (weight.data.to(accum) + sign * delta.to(device=weight.device, dtype=accum)).to(weight.dtype)
+        return base_layers.weight_plus(self.base_layer, sign * delta)
 
     def _write_weight(self, value: torch.Tensor) -> None:
-        # copy_ (not rebinding .data) keeps tied or shared weights tied.
-        self.base_layer.weight.data.copy_(value)
+        base_layers.write_weight(self.base_layer, value)  # in place: tied or shared weights stay tied
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -184,7 +177,7 @@ class KasaLayer(nn.Module):
         finite and still overflow to Inf once rounded to float16.
         """
         for name in names if names is not None else list(self.active_adapters):
-            if not can_merge_into(self.base_layer):
+            if not base_layers.can_merge_into(self.base_layer):
                 raise ValueError(
                     f"Cannot merge adapter {name!r} into a quantised {type(self.base_layer).__name__}: that would "
                     "requantise the base and silently lose the update. Use merge_and_unload(dtype=torch.bfloat16) "

@@ -14,7 +14,8 @@ from torch import nn
 from . import checkpoint
 from .config import CONFIG_NAME, KasaConfig, config_from_peft_lora
 from . import base_layers
-from .layer import KasaAdapter, KasaLayer, ModulesToSaveWrapper, layer_shape
+from .base_layers import layer_shape
+from .layer import KasaAdapter, KasaLayer, ModulesToSaveWrapper
 from .regularization import kasa_regularization
 from .spectral import check_truncation_rank
 from .truncation_guard import plan_truncation
@@ -159,7 +160,7 @@ class KasaModel(nn.Module):
                 use_sigma=config.adapter_type == "kasa",
                 truncate=config.uses_truncation and name not in kept_whole,
                 dtype=base_layers.default_adapter_dtype(base),
-                device="meta" if init == "meta" else base.weight.device,
+                device="meta" if init == "meta" else base_layers.layer_device(base),
             )
             if minors is not None and minors[index] is not None:
                 adapter.set_minor_components(minors[index])
@@ -489,7 +490,7 @@ class KasaModel(nn.Module):
             missing = sorted(set(expected) - set(sub))
             if missing:
                 raise ValueError(f"Checkpoint {source} lacks {[prefix + m for m in missing]}.")
-            device = layer.base_layer.weight.device
+            device = base_layers.layer_device(layer.base_layer)
             sub = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in sub.items()}
             adapter.load_state_dict(sub, strict=True, assign=assign)
         for path, wrapper in self._wrappers():

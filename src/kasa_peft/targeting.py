@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from .config import KasaConfig
-from .base_layers import SUPPORTED_LAYER_TYPES, require_supported, unsupported_quantised_reason
+from .base_layers import is_supported, require_supported, unsupported_quantised_reason
 from .layer import KasaLayer, ModulesToSaveWrapper
 
 # Task heads are newly initialised and tiny (often out = num_labels): "all-linear" leaves them out, as PEFT does for
@@ -42,7 +42,7 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 def _is_linear_like(module: nn.Module) -> bool:
     # Quantised layers of other libraries count too, so that "all-linear" reports them instead of skipping them.
-    return isinstance(module, (*SUPPORTED_LAYER_TYPES, KasaLayer)) or unsupported_quantised_reason(module) is not None
+    return isinstance(module, KasaLayer) or is_supported(module) or unsupported_quantised_reason(module) is not None
 
 
 def find_target_modules(model: nn.Module, config: KasaConfig) -> list[str]:

@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base_layers import dense_weight
-from .layer import layer_shape
+from .base_layers import dense_weight, layer_shape
 from .spectral import MinorComponents
 
 REPORT_FILE_NAME = "truncation_report.json"

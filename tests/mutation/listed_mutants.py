@@ -69,7 +69,7 @@ MUTANTS = [
     ),
     Mutant(
         "merge-accumulated-in-bf16",
-        "layer.py",
+        "base_layers/dense.py",
         "accum = torch.promote_types(weight.dtype, torch.float32)",
         "accum = weight.dtype",
         ("tests/test_layer_numerics.py", "-k", "rounds_once"),

@@ -82,11 +82,11 @@ def _modules_to_save(model: torch.nn.Module, kind: str) -> list[str] | None:
 
 def _spectrum(model: torch.nn.Module, targets: list[str] | str, r: int) -> dict | None:
     """Singular values of the first targeted weight of the *original* model (for the spectrum plot)."""
-    from kasa_peft.layer import SUPPORTED_LAYER_TYPES, weight_matrix
+    from kasa_peft.base_layers import is_supported, weight_matrix
     from kasa_peft.targeting import name_matches
 
     for name, module in model.named_modules():
-        if isinstance(module, SUPPORTED_LAYER_TYPES) and (targets == "all-linear" or name_matches(name, targets)):
+        if is_supported(module) and (targets == "all-linear" or name_matches(name, targets)):
             values = torch.linalg.svdvals(weight_matrix(module).detach().double()).tolist()
             return {"module": name, "singular_values": values, "r": r}
     return None
